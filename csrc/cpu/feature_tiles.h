@@ -1,0 +1,166 @@
+// Pixel-tile access to [B, C, H, W] feature maps stored NCHW- or NHWC-dense, shared by the CPU
+// kernels. Tiles are converted to the accumulation type in small thread-local buffers so that the
+// channel norms and the BLAS products run on cache-resident data without full-size temporaries.
+#pragma once
+#include <ATen/ATen.h>
+#include <algorithm>
+#include <cmath>
+#include <type_traits>
+
+namespace memkd::cpu {
+
+constexpr double kEps = 1e-8;  // the same normalisation epsilon as memkd.ops.reference.EPS
+
+// Reductions run in fp32 for fp32/fp16/bf16 inputs and in fp64 for fp64 inputs.
+template <typename scalar_t>
+using acc_type_for = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+template <typename acc_t>
+constexpr at::ScalarType acc_scalar_type() {
+  return c10::CppTypeToScalarType<acc_t>::value;
+}
+
+// NCHW-dense and channels_last-dense tensors are read in place; any other layout is copied once.
+inline at::Tensor dense_feature_map(const at::Tensor& x) {
+  if (x.is_contiguous() || x.is_contiguous(at::MemoryFormat::ChannelsLast)) return x;
+  return x.contiguous();
+}
+
+// Element (b, c, p) of a dense feature map, p = h * W + w, lives at
+// data[b * stride_b + c * stride_c + p * stride_p].
+struct PixelLayout {
+  int64_t stride_b, stride_c, stride_p, channels, pixels;
+
+  explicit PixelLayout(const at::Tensor& x)
+      : stride_b(x.stride(0)),
+        stride_c(x.stride(1)),
+        // Size-1 dims may carry any stride, so take the pixel step from a dim that really moves.
+        stride_p(x.size(3) > 1 ? x.stride(3) : x.stride(2)),
+        channels(x.size(1)),
+        pixels(x.size(2) * x.size(3)) {}
+};
+
+// Pixel tile size: about 256 KiB of fp32 per [C, T] buffer, a multiple of 16, at most the image.
+inline int64_t pixel_tile(int64_t channels, int64_t pixels) {
+  int64_t t = std::clamp<int64_t>((65536 / std::max<int64_t>(channels, 1)) / 16 * 16, 16, 512);
+  return std::min(t, pixels);
+}
+
+// dst[c * n + t] = src(b, c, p0 + t) for t < n.
+template <typename scalar_t, typename acc_t>
+void load_tile(const scalar_t* src, const PixelLayout& l, int64_t b, int64_t p0, int64_t n,
+               acc_t* dst) {
+  const scalar_t* base = src + b * l.stride_b + p0 * l.stride_p;
+  if (l.stride_p == 1) {
+    for (int64_t c = 0; c < l.channels; ++c) {
+      const scalar_t* row = base + c * l.stride_c;
+      acc_t* out = dst + c * n;
+      for (int64_t t = 0; t < n; ++t) out[t] = static_cast<acc_t>(row[t]);
+    }
+  } else {
+    for (int64_t t = 0; t < n; ++t) {
+      const scalar_t* pix = base + t * l.stride_p;
+      for (int64_t c = 0; c < l.channels; ++c) dst[c * n + t] = static_cast<acc_t>(pix[c * l.stride_c]);
+    }
+  }
+}
+
+// dst(b, c, p0 + t) = src[c * n + t] for t < n.
+template <typename scalar_t, typename acc_t>
+void store_tile(const acc_t* src, const PixelLayout& l, int64_t b, int64_t p0, int64_t n,
+                scalar_t* dst) {
+  scalar_t* base = dst + b * l.stride_b + p0 * l.stride_p;
+  if (l.stride_p == 1) {
+    for (int64_t c = 0; c < l.channels; ++c) {
+      scalar_t* row = base + c * l.stride_c;
+      const acc_t* in = src + c * n;
+      for (int64_t t = 0; t < n; ++t) row[t] = static_cast<scalar_t>(in[t]);
+    }
+  } else {
+    for (int64_t t = 0; t < n; ++t) {
+      scalar_t* pix = base + t * l.stride_p;
+      for (int64_t c = 0; c < l.channels; ++c) pix[c * l.stride_c] = static_cast<scalar_t>(src[c * n + t]);
+    }
+  }
+}
+
+// inv_norm[t] = 1 / max(||tile[:, t]||, eps) and the mask of pixels whose norm was not clamped.
+template <typename acc_t>
+void column_inverse_norms(const acc_t* tile, int64_t channels, int64_t n, acc_t* inv_norm,
+                          bool* unclamped) {
+  std::fill(inv_norm, inv_norm + n, acc_t(0));
+  for (int64_t c = 0; c < channels; ++c) {
+    const acc_t* row = tile + c * n;
+    for (int64_t t = 0; t < n; ++t) inv_norm[t] += row[t] * row[t];
+  }
+  for (int64_t t = 0; t < n; ++t) {
+    const acc_t norm = std::sqrt(inv_norm[t]);
+    unclamped[t] = norm >= acc_t(kEps);
+    inv_norm[t] = acc_t(1) / std::max(norm, acc_t(kEps));
+  }
+}
+
+// A plain row-major matrix over a buffer, for ATen's BLAS-backed at::mm_out / at::addmm_.
+template <typename acc_t>
+at::Tensor matrix(acc_t* data, int64_t rows, int64_t cols) {
+  return at::from_blob(data, {rows, cols}, at::TensorOptions().dtype(acc_scalar_type<acc_t>()));
+}
+
+// Per pixel t < n of image b: dot[t] = fs . ft, inv_a[t] = 1 / max(|fs|, eps), inv_b likewise, and
+// whether each norm was left unclamped (the projection term of the gradient vanishes otherwise).
+template <typename scalar_t, typename acc_t>
+void pixel_cosine_terms(const scalar_t* fs, const PixelLayout& la, const scalar_t* ft,
+                        const PixelLayout& lb, int64_t b, int64_t p0, int64_t n, acc_t* dot,
+                        acc_t* inv_a, acc_t* inv_b, bool* ok_a, bool* ok_b) {
+  std::fill(dot, dot + n, acc_t(0));
+  std::fill(inv_a, inv_a + n, acc_t(0));
+  std::fill(inv_b, inv_b + n, acc_t(0));
+  const scalar_t* a0 = fs + b * la.stride_b + p0 * la.stride_p;
+  const scalar_t* b0 = ft + b * lb.stride_b + p0 * lb.stride_p;
+  if (la.stride_p == 1 && lb.stride_p == 1) {  // NCHW: vectorise over the contiguous pixels
+    for (int64_t c = 0; c < la.channels; ++c) {
+      const scalar_t* ra = a0 + c * la.stride_c;
+      const scalar_t* rb = b0 + c * lb.stride_c;
+      for (int64_t t = 0; t < n; ++t) {
+        const acc_t x = static_cast<acc_t>(ra[t]), y = static_cast<acc_t>(rb[t]);
+        dot[t] += x * y;
+        inv_a[t] += x * x;
+        inv_b[t] += y * y;
+      }
+    }
+  } else {  // channels_last (or mixed): reduce over channels pixel by pixel
+    for (int64_t t = 0; t < n; ++t) {
+      const scalar_t* pa = a0 + t * la.stride_p;
+      const scalar_t* pb = b0 + t * lb.stride_p;
+      acc_t d = 0, sa = 0, sb = 0;
+      for (int64_t c = 0; c < la.channels; ++c) {
+        const acc_t x = static_cast<acc_t>(pa[c * la.stride_c]), y = static_cast<acc_t>(pb[c * lb.stride_c]);
+        d += x * y;
+        sa += x * x;
+        sb += y * y;
+      }
+      dot[t] = d;
+      inv_a[t] = sa;
+      inv_b[t] = sb;
+    }
+  }
+  for (int64_t t = 0; t < n; ++t) {
+    const acc_t na = std::sqrt(inv_a[t]), nb = std::sqrt(inv_b[t]);
+    ok_a[t] = na >= acc_t(kEps);
+    ok_b[t] = nb >= acc_t(kEps);
+    inv_a[t] = acc_t(1) / std::max(na, acc_t(kEps));
+    inv_b[t] = acc_t(1) / std::max(nb, acc_t(kEps));
+  }
+}
+
+// dist[t] = 1 - cos(fs(b, :, p0 + t), ft(b, :, p0 + t)) for t < n; scratch holds 2 * n values, flags 2 * n.
+template <typename scalar_t, typename acc_t>
+void pixel_cosine_distances(const scalar_t* fs, const PixelLayout& la, const scalar_t* ft,
+                            const PixelLayout& lb, int64_t b, int64_t p0, int64_t n, acc_t* dist,
+                            acc_t* scratch, bool* flags) {
+  acc_t *inv_a = scratch, *inv_b = scratch + n;
+  pixel_cosine_terms(fs, la, ft, lb, b, p0, n, dist, inv_a, inv_b, flags, flags + n);
+  for (int64_t t = 0; t < n; ++t) dist[t] = acc_t(1) - dist[t] * inv_a[t] * inv_b[t];
+}
+
+}  // namespace memkd::cpu

@@ -1,0 +1,7 @@
+// Schema of the per-pixel teacher-student cosine distance (paper Eq. 3) and of its backward.
+#include <torch/library.h>
+
+TORCH_LIBRARY_FRAGMENT(memkd, m) {
+  m.def("cosine_distance_map(Tensor fs, Tensor ft) -> Tensor");
+  m.def("cosine_distance_map_backward(Tensor grad_out, Tensor fs, Tensor ft) -> (Tensor, Tensor)");
+}

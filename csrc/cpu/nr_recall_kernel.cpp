@@ -37,7 +37,7 @@ void scaled_softmax_columns(acc_t* scores, int64_t items, int64_t n, const acc_t
   for (int64_t l = 0; l < items; ++l) {
     acc_t* row = scores + l * n;
     for (int64_t t = 0; t < n; ++t) {
-      row[t] = std::exp(row[t] - col_max[t]);
+      row[t] = vector_exp(row[t] - col_max[t]);
       col_sum[t] += row[t];
     }
   }
@@ -48,7 +48,36 @@ void scaled_softmax_columns(acc_t* scores, int64_t items, int64_t n, const acc_t
   }
 }
 
+// Backward of x / max(|x|, eps) per pixel: out = (d - xh (xh . d)) / |x|, with d = grad_x_hat a
+// contiguous [C, n] buffer; the projection vanishes where the norm was clamped.
 template <typename acc_t>
+void normalisation_backward(const Tile<acc_t>& x, const acc_t* grad_x_hat, const acc_t* inv_norm,
+                            const bool* unclamped, acc_t* coef, const Tile<acc_t>& out) {
+  const int64_t n = x.n;
+  std::fill(coef, coef + n, acc_t(0));
+  if (x.stride_p == 1 && out.stride_p == 1) {  // NCHW: vectorise over pixels
+    for (int64_t c = 0; c < x.channels; ++c) {
+      const acc_t* xr = x.data + c * x.stride_c;
+      const acc_t* dr = grad_x_hat + c * n;
+      for (int64_t t = 0; t < n; ++t) coef[t] += xr[t] * dr[t];
+    }
+    for (int64_t t = 0; t < n; ++t) coef[t] = unclamped[t] ? coef[t] * inv_norm[t] * inv_norm[t] * inv_norm[t] : acc_t(0);
+    for (int64_t c = 0; c < x.channels; ++c) {
+      const acc_t* xr = x.data + c * x.stride_c;
+      const acc_t* dr = grad_x_hat + c * n;
+      acc_t* outr = out.data + c * out.stride_c;
+      for (int64_t t = 0; t < n; ++t) outr[t] = dr[t] * inv_norm[t] - xr[t] * coef[t];
+    }
+  } else {
+    for (int64_t t = 0; t < n; ++t) {
+      acc_t dot = 0;
+      for (int64_t c = 0; c < x.channels; ++c) dot += x(c, t) * grad_x_hat[c * n + t];
+      coef[t] = unclamped[t] ? dot * inv_norm[t] * inv_norm[t] * inv_norm[t] : acc_t(0);
+      for (int64_t c = 0; c < x.channels; ++c) out(c, t) = grad_x_hat[c * n + t] * inv_norm[t] - x(c, t) * coef[t];
+    }
+  }
+}
+
 at::Tensor normalised_rows(const at::Tensor& x) {
   return x / x.norm(2, 1, true).clamp_min(kEps);
 }
@@ -66,26 +95,28 @@ at::Tensor nr_recall_cpu(const at::Tensor& query_arg, const at::Tensor& keys,
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "nr_recall_cpu", [&] {
     using acc_t = acc_type_for<scalar_t>;
-    const at::Tensor keys_hat = normalised_rows<acc_t>(keys.to(acc_scalar_type<acc_t>())).contiguous();
+    const at::Tensor keys_hat = normalised_rows(keys.to(acc_scalar_type<acc_t>())).contiguous();
     const at::Tensor values_t = values.to(acc_scalar_type<acc_t>()).contiguous().t();
     const scalar_t* q_data = query.const_data_ptr<scalar_t>();
     scalar_t* out_data = out.mutable_data_ptr<scalar_t>();
+    constexpr bool needs_buffers = !std::is_same_v<scalar_t, acc_t>;  // fp16/bf16 tiles are converted
 
     at::parallel_for(0, batch * tiles_per_image, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> q_tile(channels * tile), out_tile(channels * tile), scores(items * tile);
-      std::vector<acc_t> inv_norm(tile), col_max(tile), col_sum(tile);
+      std::vector<acc_t> q_buffer(needs_buffers ? channels * tile : 0), out_buffer(needs_buffers ? channels * tile : 0);
+      std::vector<acc_t> scores(items * tile), inv_norm(tile), col_max(tile), col_sum(tile);
       std::unique_ptr<bool[]> unclamped(new bool[tile]);
       for (int64_t i = begin; i < end; ++i) {
         const int64_t b = i / tiles_per_image, p0 = (i % tiles_per_image) * tile;
         const int64_t n = std::min(tile, pixels - p0);
-        load_tile(q_data, q_layout, b, p0, n, q_tile.data());
-        column_inverse_norms(q_tile.data(), channels, n, inv_norm.data(), unclamped.get());
+        const Tile<acc_t> q = feature_tile(q_data, q_layout, b, p0, n, q_buffer.data());
+        column_inverse_norms(q, inv_norm.data(), unclamped.get());
         at::Tensor score_mat = matrix(scores.data(), items, n);
-        at::mm_out(score_mat, keys_hat, matrix(q_tile.data(), channels, n));
+        at::mm_out(score_mat, keys_hat, q.matrix());
         scaled_softmax_columns(scores.data(), items, n, inv_norm.data(), col_max.data(), col_sum.data());
-        at::Tensor out_mat = matrix(out_tile.data(), channels, n);
+        const Tile<acc_t> o = output_tile(out_data, out_layout, b, p0, n, out_buffer.data());
+        at::Tensor out_mat = o.matrix();
         at::mm_out(out_mat, values_t, score_mat);
-        store_tile(out_tile.data(), out_layout, b, p0, n, out_data);
+        finish_output_tile(o, out_layout, b, p0, out_data);
       }
     });
   });
@@ -127,10 +158,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nr_recall_backward_cpu(
     const scalar_t* q_data = query.const_data_ptr<scalar_t>();
     const scalar_t* g_data = grad_out.const_data_ptr<scalar_t>();
     scalar_t* gq_data = grad_query.mutable_data_ptr<scalar_t>();
+    constexpr bool needs_buffers = !std::is_same_v<scalar_t, acc_t>;
 
     at::parallel_for(0, partitions, 1, [&](int64_t part_begin, int64_t part_end) {
-      std::vector<acc_t> q_tile(channels * tile), g_tile(channels * tile);
-      std::vector<acc_t> weights(items * tile), grad_scores(items * tile);
+      const int64_t buffer_size = needs_buffers ? channels * tile : 0;
+      std::vector<acc_t> q_buffer(buffer_size), g_buffer(buffer_size), gq_buffer(buffer_size);
+      std::vector<acc_t> grad_q_hat(channels * tile), weights(items * tile), grad_scores(items * tile);
       std::vector<acc_t> inv_norm(tile), col_a(tile), col_b(tile);
       std::unique_ptr<bool[]> unclamped(new bool[tile]);
       for (int64_t part = part_begin; part < part_end; ++part) {
@@ -140,13 +173,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nr_recall_backward_cpu(
         for (int64_t i = part * tiles_per_partition; i < tile_end; ++i) {
           const int64_t b = i / tiles_per_image, p0 = (i % tiles_per_image) * tile;
           const int64_t n = std::min(tile, pixels - p0);
-          load_tile(q_data, q_layout, b, p0, n, q_tile.data());
-          load_tile(g_data, g_layout, b, p0, n, g_tile.data());
-          column_inverse_norms(q_tile.data(), channels, n, inv_norm.data(), unclamped.get());
-          const at::Tensor q_mat = matrix(q_tile.data(), channels, n);
-          at::Tensor g_mat = matrix(g_tile.data(), channels, n);
+          const Tile<acc_t> q = feature_tile(q_data, q_layout, b, p0, n, q_buffer.data());
+          const Tile<acc_t> g = feature_tile(g_data, g_layout, b, p0, n, g_buffer.data());
+          column_inverse_norms(q, inv_norm.data(), unclamped.get());
+          const at::Tensor q_mat = q.matrix(), g_mat = g.matrix();
           at::Tensor w_mat = matrix(weights.data(), items, n);
           at::Tensor gs_mat = matrix(grad_scores.data(), items, n);
+          at::Tensor gqh_mat = matrix(grad_q_hat.data(), channels, n);
           at::mm_out(w_mat, keys_hat, q_mat);
           scaled_softmax_columns(weights.data(), items, n, inv_norm.data(), col_a.data(), col_b.data());
           // dV += W dO^T and dW = V dO.
@@ -160,16 +193,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nr_recall_backward_cpu(
             for (int64_t t = 0; t < n; ++t)
               grad_scores[l * n + t] = weights[l * n + t] * (grad_scores[l * n + t] - col_a[t]);
           // d(q/|q|) = kh^T dS, then through the normalisation: (d - qh (qh . d)) / |q|.
-          at::mm_out(g_mat, keys_hat_t, gs_mat);
-          std::fill(col_a.begin(), col_a.begin() + n, acc_t(0));
-          for (int64_t c = 0; c < channels; ++c)
-            for (int64_t t = 0; t < n; ++t) col_a[t] += q_tile[c * n + t] * g_tile[c * n + t];
-          for (int64_t t = 0; t < n; ++t)
-            col_a[t] = unclamped[t] ? col_a[t] * inv_norm[t] * inv_norm[t] * inv_norm[t] : acc_t(0);
-          for (int64_t c = 0; c < channels; ++c)
-            for (int64_t t = 0; t < n; ++t)
-              g_tile[c * n + t] = g_tile[c * n + t] * inv_norm[t] - q_tile[c * n + t] * col_a[t];
-          store_tile(g_tile.data(), gq_layout, b, p0, n, gq_data);
+          at::mm_out(gqh_mat, keys_hat_t, gs_mat);
+          const Tile<acc_t> gq = output_tile(gq_data, gq_layout, b, p0, n, gq_buffer.data());
+          normalisation_backward(q, grad_q_hat.data(), inv_norm.data(), unclamped.get(), col_a.data(), gq);
+          finish_output_tile(gq, gq_layout, b, p0, gq_data);
           // d(k/|k|) += dS qh^T, with qh = q * inv_norm folded into dS.
           for (int64_t l = 0; l < items; ++l)
             for (int64_t t = 0; t < n; ++t) grad_scores[l * n + t] *= inv_norm[t];

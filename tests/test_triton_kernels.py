@@ -1,0 +1,455 @@
+"""The Triton kernels (kernels/, memkd.kernels) against the reference ops.
+
+Without a GPU the kernels run in Triton's CPU interpreter (tests/conftest.py sets TRITON_INTERPRET=1
+before any import) on CPU tensors; with one, the same tests run on CUDA tensors. Ground truth is
+memkd.ops.reference evaluated in float64 on the very same (already rounded) inputs, gradients by
+torch.autograd.grad through the reference forward, so each tolerance measures only the kernels'
+arithmetic error. Shapes are small and odd (C = 37 and H*W = 5x7 are not powers of two; L = 1, 17,
+50) and the tests mostly pass small tiles (16) so that every kernel loops over several C chunks and
+pixel blocks with ragged, masked edges; the interpreter is slow, so the shapes stay tiny.
+"""
+import inspect
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import memkd.kernels as K  # noqa: E402
+from memkd.kernels import _common  # noqa: E402
+from memkd.kernels.nr_recall import backward_config, forward_config  # noqa: E402
+from memkd.ops import reference  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+INTERPRETED = _common.interpreting()
+
+# Error bounds relative to max(1, max |expected|). fp32 dots run with input_precision="ieee".
+TOLERANCES = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+DTYPES = list(TOLERANCES)
+# query layouts: NCHW, NHWC, a channel slice of a wider map (addressed in place, stride_b != C*H*W)
+# and a crop of a wider map (H, W do not collapse into one pixel axis: copied first).
+LAYOUTS = ["contiguous", "channels_last", "channel_slice", "cropped"]
+SMALL = dict(block_p=16, block_c=16)  # several C chunks (37 = 16 + 16 + 5) and pixel blocks
+
+
+def test_runs_where_expected():
+    assert CUDA or INTERPRETED, "no GPU and TRITON_INTERPRET unset: conftest.py did not run first"
+    assert K.__file__.endswith(os.path.join("kernels", "__init__.py"))
+
+
+def assert_close(actual, expected, dtype, what):
+    assert actual.dtype == dtype, f"{what}: dtype {actual.dtype}, expected {dtype}"
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
+    tol = TOLERANCES[dtype] * max(1.0, expected.abs().max().item())
+    err = (actual.double().cpu() - expected.cpu()).abs().max().item()
+    assert err <= tol, f"{what}: max error {err:.3g} > {tol:.3g} ({dtype})"
+
+
+def make_map(shape, dtype, layout, gen):
+    b, c, h, w = shape
+    if layout == "channel_slice":
+        x = torch.randn(b, c + 5, h, w, generator=gen, dtype=torch.float64)
+    elif layout == "cropped":
+        x = torch.randn(b, c, h, w + 3, generator=gen, dtype=torch.float64)
+    else:
+        x = torch.randn(b, c, h, w, generator=gen, dtype=torch.float64)
+    x = x.to(device=DEVICE, dtype=dtype)
+    if layout == "channel_slice":
+        x = x[:, 2:2 + c]
+    elif layout == "cropped":
+        x = x[..., 1:1 + w]
+    elif layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    assert x.shape == shape
+    return x
+
+
+def make_memory(l, c, dtype, gen):
+    keys = torch.randn(l, c, generator=gen, dtype=torch.float64).to(DEVICE, dtype)
+    values = torch.randn(l, c, generator=gen, dtype=torch.float64).to(DEVICE, dtype)
+    return keys, values
+
+
+def f64(x):
+    return x.detach().double().cpu().requires_grad_(True)
+
+
+@pytest.fixture
+def gen():
+    return torch.Generator().manual_seed(1234)
+
+
+@pytest.fixture(autouse=True)
+def _restore_settings():
+    precision, deterministic = K.get_input_precision(), K.get_deterministic()
+    yield
+    K.set_input_precision(precision)
+    K.set_deterministic(deterministic)
+
+
+# ---- NR recall -----------------------------------------------------------------------------------
+
+# (B, C, H, W, L): batch 1 and 2, L = 50, 1 and 17 (none a power of two but 1), odd C and H*W.
+NR_SHAPES = [(1, 37, 5, 7, 50), (2, 37, 5, 7, 17), (2, 20, 3, 5, 1)]
+NR_CASES = (
+    [(shape, torch.float32, "contiguous") for shape in NR_SHAPES]
+    + [(NR_SHAPES[1], dtype, layout) for dtype in DTYPES for layout in LAYOUTS
+       if (dtype, layout) != (torch.float32, "contiguous")]
+)
+NR_IDS = [f"{'x'.join(map(str, s))}-{str(d)[6:]}-{lay}" for s, d, lay in NR_CASES]
+
+
+def nr_expected(query, keys, values, grad_out):
+    q, k, v = f64(query), f64(keys), f64(values)
+    out = reference.nr_recall(q, k, v)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out.double().cpu())
+    return out.detach(), grads
+
+
+@pytest.mark.parametrize("shape,dtype,layout", NR_CASES, ids=NR_IDS)
+def test_nr_recall_forward_backward(shape, dtype, layout, gen):
+    b, c, h, w, l = shape
+    query = make_map((b, c, h, w), dtype, layout, gen)
+    keys, values = make_memory(l, c, dtype, gen)
+    grad_out = make_map((b, c, h, w), dtype, "contiguous", gen)
+    expected_out, (eq, ek, ev) = nr_expected(query, keys, values, grad_out)
+
+    out = K.nr_recall_forward(query, keys, values, input_precision="ieee", **SMALL)
+    assert_close(out, expected_out, dtype, "out")
+    dq, dk, dv = K.nr_recall_backward(grad_out, query, keys, values, input_precision="ieee", **SMALL)
+    assert_close(dq, eq, dtype, "grad query")
+    assert_close(dk, ek, dtype, "grad keys")
+    assert_close(dv, ev, dtype, "grad values")
+    if layout == "channels_last":  # results keep the query's memory format
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        assert dq.is_contiguous(memory_format=torch.channels_last)
+    else:
+        assert out.is_contiguous() and dq.is_contiguous()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_nr_recall_default_tiles(dtype, gen):
+    """The GPU launch parameters (BLOCK_L 64, BLOCK_P 32/64, BLOCK_C 16..64): ragged tiles."""
+    b, c, h, w, l = 2, 37, 5, 7, 50
+    query = make_map((b, c, h, w), dtype, "channels_last", gen)
+    keys, values = make_memory(l, c, dtype, gen)
+    grad_out = make_map((b, c, h, w), dtype, "contiguous", gen)
+    expected_out, expected_grads = nr_expected(query, keys, values, grad_out)
+    assert_close(K.nr_recall_forward(query, keys, values, input_precision="ieee"), expected_out, dtype, "out")
+    got = K.nr_recall_backward(grad_out, query, keys, values, input_precision="ieee")
+    for name, g, e in zip(("query", "keys", "values"), got, expected_grads):
+        assert_close(g, e, dtype, f"grad {name}")
+
+
+def test_nr_recall_autograd_wrapper(gen):
+    K.set_input_precision("ieee")
+    query = make_map((1, 37, 5, 7), torch.float32, "contiguous", gen).requires_grad_(True)
+    keys, values = (x.requires_grad_(True) for x in make_memory(17, 37, torch.float32, gen))
+    grad_out = make_map((1, 37, 5, 7), torch.float32, "contiguous", gen)
+    got = torch.autograd.grad(K.NRRecallFunction.apply(query, keys, values), (query, keys, values), grad_out)
+    _, expected = nr_expected(query, keys, values, grad_out)
+    for g, e in zip(got, expected):
+        assert_close(g, e, torch.float32, "autograd")
+
+
+@pytest.mark.parametrize("max_programs", [1, 3])
+def test_nr_recall_backward_deterministic_and_atomic(max_programs, gen):
+    """Deterministic mode: bitwise-identical gradients across runs, also with persistent programs
+    looping over several pixel tiles; atomic mode agrees within tolerance."""
+    b, c, h, w, l = 2, 37, 5, 7, 50
+    query = make_map((b, c, h, w), torch.float32, "contiguous", gen)
+    keys, values = make_memory(l, c, torch.float32, gen)
+    grad_out = make_map((b, c, h, w), torch.float32, "contiguous", gen)
+    kw = dict(input_precision="ieee", max_programs=max_programs, **SMALL)
+    assert K.get_deterministic() is True  # the documented default
+    first = K.nr_recall_backward(grad_out, query, keys, values, **kw)
+    second = K.nr_recall_backward(grad_out, query, keys, values, deterministic=True, **kw)
+    for x, y in zip(first, second):
+        assert torch.equal(x, y)
+    atomic = K.nr_recall_backward(grad_out, query, keys, values, deterministic=False, **kw)
+    _, expected = nr_expected(query, keys, values, grad_out)
+    for name, x, y, e in zip(("query", "keys", "values"), first, atomic, expected):
+        assert_close(x, e, torch.float32, f"deterministic grad {name}")
+        assert_close(y, e, torch.float32, f"atomic grad {name}")
+        assert_close(y, x.double(), torch.float32, f"atomic vs deterministic grad {name}")
+
+
+def test_nr_recall_zero_vectors(gen):
+    """Zero (and below-EPS) query pixels and keys: cosine 0 (uniform weights) and finite gradients,
+    as in the reference."""
+    b, c, h, w, l = 2, 37, 5, 7, 17
+    query = make_map((b, c, h, w), torch.float32, "contiguous", gen)
+    query[0, :, 1, 2] = 0
+    query[1, :, 4, :] = 0
+    query[1, :, 0, 0] *= 1e-10  # 0 < |q| < EPS: the projection term of dQ is dropped
+    keys, values = make_memory(l, c, torch.float32, gen)
+    keys[3] = 0
+    keys[5] *= 1e-10
+    grad_out = make_map((b, c, h, w), torch.float32, "contiguous", gen)
+    q, k, v = query.double().cpu(), keys.double().cpu(), values.double().cpu()
+    expected_grads = reference.nr_recall_backward(grad_out.double().cpu(), q, k, v)
+    out = K.nr_recall_forward(query, keys, values, input_precision="ieee", **SMALL)
+    assert_close(out, reference.nr_recall(q, k, v), torch.float32, "out")
+    got = K.nr_recall_backward(grad_out, query, keys, values, input_precision="ieee", **SMALL)
+    for name, g, e in zip(("query", "keys", "values"), got, expected_grads):
+        assert torch.isfinite(e).all()
+        assert_close(g, e, torch.float32, f"grad {name}")
+
+
+def test_nr_recall_broadcast_grad(gen):
+    """grad_out of out.sum() is a stride-0 broadcast: read in place, never densified wrongly."""
+    query = make_map((2, 20, 3, 5), torch.float32, "contiguous", gen)
+    keys, values = make_memory(17, 20, torch.float32, gen)
+    grad_out = torch.ones((), device=DEVICE).expand(query.shape)
+    _, expected = nr_expected(query, keys, values, grad_out.contiguous())
+    got = K.nr_recall_backward(grad_out, query, keys, values, input_precision="ieee", **SMALL)
+    for g, e in zip(got, expected):
+        assert_close(g, e, torch.float32, "grad")
+
+
+def test_settings_and_configs():
+    assert K.get_input_precision() == "tf32x3"
+    with pytest.raises(ValueError, match="input_precision"):
+        K.set_input_precision("fp64")
+    K.set_input_precision("tf32")
+    assert K.get_input_precision() == "tf32"
+    assert _common.resolve_precision(None, torch.float32) == "tf32"
+    assert _common.resolve_precision("ieee", torch.float16) == "tf32"  # only fp32 dots care
+    cfg = forward_config(2048, 50, torch.float16)
+    assert (cfg["BLOCK_L"], cfg["BLOCK_P"], cfg["BLOCK_C"]) == (64, 64, 64)
+    assert forward_config(37, 1, torch.float32)["BLOCK_L"] == 16
+    assert forward_config(20, 1, torch.float32)["BLOCK_C"] == 32  # C = 20 -> one 32-channel chunk
+    for l in (1, 17, 50, 100, 300):
+        for dtype in DTYPES:
+            for cfg in (forward_config(512, l, dtype), backward_config(512, l, dtype)):
+                assert cfg["BLOCK_L"] >= max(16, l) and min(cfg["BLOCK_P"], cfg["BLOCK_C"]) >= 16
+    # The layouts that are addressed in place, and the ones that are copied.
+    x = torch.empty(2, 8, 3, 5)
+    assert _common.pixel_strides(x) == (120, 15, 1)
+    assert _common.pixel_strides(x.contiguous(memory_format=torch.channels_last)) == (120, 1, 8)
+    assert _common.pixel_strides(torch.empty(2, 12, 3, 5)[:, 2:10]) == (180, 15, 1)
+    assert _common.pixel_strides(torch.empty(2, 8, 3, 10)[..., ::2]) == (240, 30, 2)  # every other column
+    assert _common.pixel_strides(torch.empty(2, 8, 3, 10)[..., 1:6]) is None  # a crop: copied
+
+
+# ---- cosine distance map -------------------------------------------------------------------------
+
+CD_CASES = [(torch.float32, layout) for layout in LAYOUTS] + [
+    (dtype, layout) for dtype in (torch.float16, torch.bfloat16) for layout in ("contiguous", "channels_last")
+]
+
+
+@pytest.mark.parametrize("dtype,layout", CD_CASES, ids=[f"{str(d)[6:]}-{lay}" for d, lay in CD_CASES])
+@pytest.mark.parametrize("shape", [(1, 37, 5, 7), (2, 20, 3, 5)], ids=["1x37x5x7", "2x20x3x5"])
+def test_cosine_distance_map(shape, dtype, layout, gen):
+    fs = make_map(shape, dtype, layout, gen)
+    ft = make_map(shape, dtype, "contiguous", gen)
+    if dtype == torch.float32:  # (their gradients, ~1/EPS, would overflow fp16)
+        fs[0, :, 1, 1] = 0  # a zero vector: cosine 0, no NaN
+        ft[0, :, 2, 3] *= 1e-10  # |ft| < EPS: the projection term is dropped
+    grad_out = torch.randn(shape[0], *shape[2:], generator=gen, dtype=torch.float64).to(DEVICE, dtype)
+    a, t = f64(fs), f64(ft)
+    expected = reference.cosine_distance_map(a, t)
+    ea, et = torch.autograd.grad(expected, (a, t), grad_out.double().cpu())
+    assert_close(K.cosine_distance_map_forward(fs, ft, **SMALL), expected.detach(), dtype, "distance")
+    da, dt = K.cosine_distance_map_backward(grad_out, fs, ft, **SMALL)
+    assert_close(da, ea, dtype, "grad fs")
+    assert_close(dt, et, dtype, "grad ft")
+    if layout == "channels_last":
+        assert da.is_contiguous(memory_format=torch.channels_last) and dt.is_contiguous()
+
+
+def test_cosine_distance_map_autograd_default_tiles(gen):
+    fs = make_map((2, 37, 5, 7), torch.float32, "channels_last", gen).requires_grad_(True)
+    ft = make_map((2, 37, 5, 7), torch.float32, "contiguous", gen).requires_grad_(True)
+    ft.data[1, :, 4, 6] = 0
+    got = torch.autograd.grad(K.CosineDistanceMapFunction.apply(fs, ft).sum(), (fs, ft))  # broadcast grad_out
+    a, t = f64(fs), f64(ft)
+    expected = torch.autograd.grad(reference.cosine_distance_map(a, t).sum(), (a, t))
+    for g, e in zip(got, expected):
+        assert_close(g, e, torch.float32, "grad")
+
+
+# ---- anomaly map ---------------------------------------------------------------------------------
+
+# Three stages of different sizes and channel counts, as a backbone's pyramid (odd sizes).
+STAGES = [(16, 9, 11), (24, 5, 6), (37, 2, 3)]
+AM_CASES = [
+    ((13, 17), 4.0, torch.float32),  # radius 16 > map size: reflections wrap several times
+    ((3, 5), 4.0, torch.float32),  # out_size smaller than the blur radius
+    ((13, 17), 0.0, torch.float32),  # no blur
+    ((9, 11), 1.5, torch.float32),  # out_size equal to stage 0 (scale 1)
+    ((1, 4), 1.0, torch.float32),  # a one-pixel-high output (scale 0)
+    ((13, 17), 4.0, torch.float16),
+    ((13, 17), 4.0, torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize(
+    "out_size,sigma,dtype", AM_CASES, ids=[f"{h}x{w}-s{s}-{str(d)[6:]}" for (h, w), s, d in AM_CASES]
+)
+def test_anomaly_map(out_size, sigma, dtype, gen):
+    b = 2
+    student = [make_map((b, c, h, w), dtype, "contiguous", gen) for c, h, w in STAGES]
+    teacher = [make_map((b, c, h, w), dtype, "channels_last", gen) for c, h, w in STAGES]
+    teacher[1][1, :, 2, 3] = 0
+    maps, scores = K.anomaly_map_forward(student, teacher, out_size, sigma, block=128)  # 2 blocks per map
+    expected_maps, expected_scores = reference.anomaly_map(
+        [s.double().cpu() for s in student], [t.double().cpu() for t in teacher], out_size, sigma
+    )
+    assert_close(maps, expected_maps, dtype, "maps")
+    assert_close(scores, expected_scores, dtype, "scores")
+
+
+def test_anomaly_map_default_block_single_stage(gen):
+    student = [make_map((1, 37, 5, 7), torch.float32, "cropped", gen)]
+    teacher = [make_map((1, 37, 5, 7), torch.float32, "channel_slice", gen)]
+    maps, scores = K.anomaly_map_forward(student, teacher, (11, 8), 4.0)
+    expected_maps, expected_scores = reference.anomaly_map(
+        [student[0].double().cpu()], [teacher[0].double().cpu()], (11, 8), 4.0
+    )
+    assert_close(maps, expected_maps, torch.float32, "maps")
+    assert_close(scores, expected_scores, torch.float32, "scores")
+
+
+# ---- the memkd.ops backend -----------------------------------------------------------------------
+
+
+def test_backend_kernels_match_reference_signatures(gen):
+    from memkd.ops import triton_backend
+
+    assert set(triton_backend.KERNELS) == {
+        "nr_recall", "nr_recall_backward", "cosine_distance_map", "cosine_distance_map_backward", "anomaly_map"
+    }
+    for name, fn in triton_backend.KERNELS.items():
+        ref_params = inspect.signature(getattr(reference, name)).parameters
+        params = inspect.signature(fn).parameters
+        assert [(p.name, p.default) for p in params.values()] == [
+            (p.name, p.default) for p in ref_params.values()
+        ], name
+    # float64 is served by the reference; the backward ops return tuples.
+    fs = make_map((1, 5, 2, 3), torch.float64, "contiguous", gen)
+    grad_out = torch.ones(1, 2, 3, dtype=torch.float64, device=DEVICE)
+    grads = triton_backend.KERNELS["cosine_distance_map_backward"](grad_out, fs, fs)
+    assert isinstance(grads, tuple) and len(grads) == 2
+
+
+@pytest.mark.skipif(CUDA, reason="on a GPU test_ops_triton_backend_on_cuda covers this")
+def test_backend_through_the_dispatcher_on_cpu(gen):
+    """KERNELS as the memkd:: ops' CPU kernels (interpreter) for the length of the test: the
+    dispatcher, the registered autograd formulas and the Triton kernels together."""
+    import memkd.ops as ops
+    from memkd.ops import triton_backend
+
+    K.set_input_precision("ieee")
+    lib = torch.library.Library("memkd", "IMPL")  # noqa: TOR901
+    try:
+        for name, fn in triton_backend.KERNELS.items():
+            lib.impl(name, fn, "CPU", allow_override=True)
+        query = make_map((2, 37, 5, 7), torch.float32, "channels_last", gen).requires_grad_(True)
+        keys, values = (x.requires_grad_(True) for x in make_memory(50, 37, torch.float32, gen))
+        grad_out = make_map((2, 37, 5, 7), torch.float32, "contiguous", gen)
+        out = ops.nr_recall(query, keys, values)
+        got = torch.autograd.grad(out, (query, keys, values), grad_out)
+        expected_out, expected = nr_expected(query, keys, values, grad_out)
+        assert_close(out, expected_out, torch.float32, "out")
+        for g, e in zip(got, expected):
+            assert_close(g, e, torch.float32, "grad")
+        fs, ft = (make_map((2, 20, 3, 5), torch.float32, "contiguous", gen).requires_grad_(True) for _ in "st")
+        got = torch.autograd.grad(ops.cosine_distance_map(fs, ft).sum(), (fs, ft))
+        a, t = f64(fs), f64(ft)
+        expected = torch.autograd.grad(reference.cosine_distance_map(a, t).sum(), (a, t))
+        for g, e in zip(got, expected):
+            assert_close(g, e, torch.float32, "grad")
+        student = [make_map((2, c, h, w), torch.float32, "contiguous", gen) for c, h, w in STAGES]
+        teacher = [make_map((2, c, h, w), torch.float32, "contiguous", gen) for c, h, w in STAGES]
+        maps, scores = ops.anomaly_map(student, teacher, (7, 9), 2.0)
+        expected_maps, expected_scores = reference.anomaly_map(
+            [s.double() for s in student], [t.double() for t in teacher], (7, 9), 2.0
+        )
+        assert_close(maps, expected_maps, torch.float32, "maps")
+        assert_close(scores, expected_scores, torch.float32, "scores")
+    finally:
+        lib._destroy()
+
+
+@pytest.mark.skipif(not CUDA, reason="the Triton backend of memkd.ops serves CUDA tensors")
+def test_ops_triton_backend_on_cuda(gen):
+    import memkd.ops as ops
+
+    ops.set_cuda_backend("triton")
+    try:
+        assert ops.cuda_backend("nr_recall") == "triton"
+        K.set_input_precision("ieee")
+        query = make_map((2, 37, 5, 7), torch.float32, "channels_last", gen).requires_grad_(True)
+        keys, values = (x.requires_grad_(True) for x in make_memory(50, 37, torch.float32, gen))
+        grad_out = make_map((2, 37, 5, 7), torch.float32, "contiguous", gen)
+        out = ops.nr_recall(query, keys, values)
+        got = torch.autograd.grad(out, (query, keys, values), grad_out)
+        expected_out, expected = nr_expected(query, keys, values, grad_out)
+        assert_close(out, expected_out, torch.float32, "out")
+        for g, e in zip(got, expected):
+            assert_close(g, e, torch.float32, "grad")
+        student = [make_map((2, c, h, w), torch.float32, "contiguous", gen) for c, h, w in STAGES]
+        teacher = [make_map((2, c, h, w), torch.float32, "contiguous", gen) for c, h, w in STAGES]
+        maps, scores = ops.anomaly_map(student, teacher, (13, 17), 4.0)
+        expected_maps, expected_scores = reference.anomaly_map(
+            [s.double().cpu() for s in student], [t.double().cpu() for t in teacher], (13, 17), 4.0
+        )
+        assert_close(maps, expected_maps, torch.float32, "maps")
+        assert_close(scores, expected_scores, torch.float32, "scores")
+    finally:
+        ops.set_cuda_backend("default")
+
+
+# ---- GPU code generation without a GPU ------------------------------------------------------------
+
+_COMPILE_SCRIPT = textwrap.dedent(
+    """
+    import torch, triton, triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    import memkd.kernels.nr_recall as nr
+
+    def compile_for(fn, ptrs, consts, cfg, arch):
+        sig = {n: "constexpr" if n in consts else "*" + ptrs[n] if n in ptrs else "i32" for n in fn.arg_names}
+        src = ASTSource(fn=fn, signature=sig, constexprs=consts)
+        options = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+
+    for dtype, arch in ((torch.bfloat16, 90), (torch.float16, 80)):
+        s = {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+        common = dict(EPS=1e-8, DOT_DTYPE={"bf16": tl.bfloat16, "fp16": tl.float16}[s], PRECISION="tf32")
+        cfg = nr.forward_config(2048, 50, dtype)
+        tiles = {k: v for k, v in cfg.items() if k.startswith("BLOCK")}
+        ptrs = dict(q_ptr=s, k_ptr=s, v_ptr=s, o_ptr=s)
+        compile_for(nr._nr_recall_fwd_kernel, ptrs, dict(common, **tiles), cfg, arch)
+        cfg = nr.backward_config(2048, 50, dtype)
+        tiles = {k: v for k, v in cfg.items() if k.startswith("BLOCK")}
+        ptrs = dict(q_ptr=s, k_ptr=s, v_ptr=s, do_ptr=s, dq_ptr=s, dkh_ptr="fp32", dv_ptr="fp32")
+        consts = dict(common, DETERMINISTIC=dtype == torch.bfloat16, **tiles)
+        compile_for(nr._nr_recall_bwd_kernel, ptrs, consts, cfg, arch)
+    print("compiled")
+    """
+)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CUDA, reason="with a GPU the kernels are compiled and run by the tests above")
+def test_nr_recall_kernels_compile_for_gpus(tmp_path):
+    """The interpreter never runs Triton's GPU code generation (dot layouts, shared memory, bf16 MMA):
+    compile the NR-recall kernels with their GPU launch parameters for sm_90 (bf16) and sm_80 (fp16)
+    — no GPU needed, ptxas ships with triton."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True,
+                          timeout=600)
+    if proc.returncode != 0 and "ptxas" in proc.stderr and "No such file" in proc.stderr:
+        pytest.skip("triton's ptxas is missing")
+    assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-4000:]

@@ -1,0 +1,173 @@
+"""End-to-end inference: a normalised image tensor in, the blurred anomaly map and the image score
+out (``model.predict``), for memkd and its RD baseline with the WideResNet50 (the paper's) and
+ResNet18 teachers at 256x256, random weights (weights do not change speed).
+
+- per image (batch 1) and throughput (batch 16; the best batch comes from test_scaling's sweep);
+- the same with the fused ops swapped for the plain-PyTorch reference (``ops=reference``), so the
+  kernels' end-to-end gain is visible;
+- optimisations of the inference path, each against the default path (``optim/`` cases).
+
+Target: memkd per image with WideResNet50 no slower than 1.1x rd. The paper (Table 3): 0.33 s
+per image for MemKD, 0.31 s for RD.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import time
+
+import pytest
+import torch
+
+from benchlib import case_id, detect, e2e_key, images, reference_ops, settings_of
+from report import Target
+
+METHODS = ("memkd", "rd")
+BACKBONES = ("wide_resnet50_2", "resnet18")
+MEMKD_VS_RD_PER_IMAGE = 1.1
+
+
+def _throughput_backbones(settings) -> tuple[str, ...]:
+    # A WideResNet50 batch of 16 takes tens of seconds per call on a 2-core CPU: full mode only there.
+    return BACKBONES if settings.full or settings.device == "cuda" else ("resnet18",)
+
+
+def pytest_generate_tests(metafunc):
+    settings = settings_of(metafunc.config)
+    name = metafunc.function.__name__
+    if name == "test_predict":
+        cases = []
+        for backbone in BACKBONES:
+            for batch in (1, 16):
+                if batch > 1 and backbone not in _throughput_backbones(settings):
+                    continue
+                for method in METHODS:
+                    for ops in ("kernels", "reference"):
+                        if batch > 1 and ops == "reference" and not settings.full:
+                            continue  # quick: the kernels' gain is shown at batch 1
+                        cases.append((method, backbone, batch, ops))
+        metafunc.parametrize("method,backbone,batch,ops", cases, ids=["-".join(map(str, c)) for c in cases])
+    elif name == "test_optimisation":
+        variants = ["default", "channels_last", "no_grad", "plain", "teacher_layer4"]
+        if settings.full:  # compiling takes minutes (CPU) or a minute or more (GPU)
+            variants.append("compile_student")
+        if settings.device == "cuda":
+            variants += ["bf16_autocast", "cuda_graphs"]
+        metafunc.parametrize("variant", variants)
+
+
+# ---- predict -----------------------------------------------------------------------------------
+
+
+def test_predict(method, backbone, batch, ops, model_cache, measure, results, settings):
+    model = model_cache(method, backbone)
+    x = images(batch, 256, settings.device)
+    key = e2e_key(method, backbone, batch, 256, settings.device)
+    if method == "memkd" and backbone == "wide_resnet50_2" and batch == 1 and ops == "kernels":
+        results.add_target(Target(
+            f"memkd per-image inference (WideResNet50, 256x256, {settings.device}) vs rd",
+            case_id(key, "kernels"), case_id(e2e_key("rd", backbone, 1, 256, settings.device), "kernels"),
+            "slowdown", MEMKD_VS_RD_PER_IMAGE))
+    swap = reference_ops() if ops == "reference" else contextlib.nullcontext()
+    with swap:
+        measure(lambda: model.predict(x), key=key, impl=ops, kind="e2e", role="subject" if ops == "kernels" else "baseline",
+                device=settings.device, items=batch, method=method, backbone=backbone, batch=batch)
+
+
+def test_reference_swap_reaches_every_op(need_models, settings):
+    """``reference_ops`` must leave no memkd:: kernel in the model's inference and training paths
+    (else the ops=reference cases would still time the kernels)."""
+    from benchlib import build
+
+    model = build("memkd", "resnet18", 64)
+    x = torch.randn(2, 3, 64, 64)
+
+    def kernels_run(fn) -> set[str]:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            fn()
+        return {e.name for e in prof.events() if e.name.startswith("memkd::")}
+
+    def train_step():
+        model.train()
+        model.loss(x, x)["total"].backward()
+        model.eval()
+
+    assert {"memkd::nr_recall", "memkd::anomaly_map"} <= kernels_run(lambda: model.predict(x))
+    with reference_ops() as patched:
+        assert patched, "no memkd module binds a memkd op"
+        assert kernels_run(lambda: model.predict(x)) == set()
+        assert kernels_run(train_step) == set()
+
+
+# ---- optimisations -----------------------------------------------------------------------------
+
+
+def _optimisation_model(settings) -> str:
+    return "wide_resnet50_2" if settings.full or settings.device == "cuda" else "resnet18"
+
+
+def test_optimisation(variant, model_cache, measure, results, settings):
+    """One inference-path optimisation against the default ``model.predict`` (batch 1, 256x256).
+
+    default: predict (eval, inference_mode, teacher layer1..3 only). channels_last: NHWC model and
+    input. no_grad / plain: predict's path under torch.no_grad / with autograd recording.
+    teacher_layer4: the teacher also computes its unused layer4 (predict already skips it; the
+    ratio shows what skipping saves). compile_student: torch.compile of the student.
+    bf16_autocast (GPU): predict under bf16 autocast. cuda_graphs (GPU): the whole path captured
+    once and replayed.
+    """
+    backbone = _optimisation_model(settings)
+    device = settings.device
+    model = model_cache("memkd", backbone)
+    x = images(1, 256, device)
+    info = {}
+    if variant == "default":
+        run = lambda: model.predict(x)  # noqa: E731
+    elif variant == "channels_last":
+        variant_model = copy.deepcopy(model).to(memory_format=torch.channels_last)
+        xc = x.contiguous(memory_format=torch.channels_last)
+        run = lambda: variant_model.predict(xc)  # noqa: E731
+    elif variant in ("no_grad", "plain"):
+        run = lambda: detect(model, x, grad_mode=variant)  # noqa: E731
+    elif variant == "teacher_layer4":
+        run = lambda: detect(model, x, teacher_depth=4)  # noqa: E731
+    elif variant == "compile_student":
+        variant_model = copy.deepcopy(model)
+        variant_model.student = torch.compile(variant_model.student)
+        start = time.perf_counter()
+        variant_model.predict(x)
+        info["compile_s"] = time.perf_counter() - start
+        run = lambda: variant_model.predict(x)  # noqa: E731
+    elif variant == "bf16_autocast":
+        def run():
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                return model.predict(x)
+    elif variant == "cuda_graphs":
+        try:
+            run = _cuda_graph(model, x)
+        except Exception as exc:  # capture is fragile; say why instead of failing the suite
+            results.note(f"cuda_graphs: capture failed: {type(exc).__name__}: {exc}")
+            pytest.skip(f"CUDA graph capture failed: {exc}")
+    measure(run, key=f"optim/memkd/{backbone}/B1/256x256/{device}", impl=variant, kind="e2e",
+            role="baseline" if variant == "default" else "subject", device=device, items=1, **info)
+
+
+def _cuda_graph(model, x):
+    """The inference path captured as one CUDA graph; replay after copying the input in."""
+    static_x = x.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):  # warm up outside the capture (allocator, cuDNN/Triton autotuning)
+            detect(model, static_x)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = detect(model, static_x)
+
+    def run():
+        static_x.copy_(x)
+        graph.replay()
+        return static_out
+
+    return run

@@ -1,0 +1,64 @@
+"""Training speed: one optimisation step as memkd.train.Trainer runs it (the loss with the exemplar
+path, backward, Adam), in images per second, memkd against rd, at 256x256, random weights.
+
+The paper's batch is 16 with N = 16 exemplars; on a CPU quick mode uses batch = N = 2
+(WideResNet50) and 4 (ResNet18). memkd is also timed with the fused ops swapped for the
+plain-PyTorch reference under autograd (``ops=reference``). Data loading is not timed: the batch
+and the exemplar set are ready tensors.
+
+Target: the memkd step no slower than 1.25x the rd step (WideResNet50 teacher).
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from benchlib import build, case_id, images, reference_ops, settings_of, train_key
+from report import Target
+
+MEMKD_VS_RD_STEP = 1.25
+
+
+def _batch(settings, backbone: str) -> int:
+    if settings.full or settings.device == "cuda":
+        return 16
+    return 2 if backbone == "wide_resnet50_2" else 4
+
+
+def pytest_generate_tests(metafunc):
+    if metafunc.function.__name__ != "test_training_step":
+        return
+    settings = settings_of(metafunc.config)
+    cases = []
+    for backbone in ("wide_resnet50_2", "resnet18"):
+        for method, ops in (("memkd", "kernels"), ("memkd", "reference"), ("rd", "kernels")):
+            if ops == "reference" and backbone == "wide_resnet50_2" and not settings.full and settings.device == "cpu":
+                continue  # quick on a CPU: the kernels' training gain is shown with ResNet18
+            cases.append((method, backbone, ops))
+    metafunc.parametrize("method,backbone,ops", cases, ids=["-".join(c) for c in cases])
+
+
+def test_training_step(method, backbone, ops, need_models, measure, results, settings):
+    device = settings.device
+    batch = _batch(settings, backbone)
+    model = build(method, backbone, 256, device).train()
+    x = images(batch, 256, device)
+    exemplars = images(batch, 256, device, seed=1) if model.config.method_spec.nel else None
+    optimizer = torch.optim.Adam(model.trainable_parameters(), lr=0.005, betas=(0.5, 0.999))
+
+    def step():
+        terms = model.loss(x, exemplars)
+        optimizer.zero_grad(set_to_none=True)
+        terms["total"].backward()
+        optimizer.step()
+
+    key = train_key(method, backbone, batch, batch, device)
+    if method == "memkd" and backbone == "wide_resnet50_2" and ops == "kernels":
+        results.add_target(Target(
+            f"memkd training step (WideResNet50, B={batch}, N={batch}, {device}) vs rd",
+            case_id(key, "kernels"), case_id(train_key("rd", backbone, batch, batch, device), "kernels"),
+            "slowdown", MEMKD_VS_RD_STEP))
+    with reference_ops() if ops == "reference" else contextlib.nullcontext():
+        measure(step, key=key, impl=ops, kind="train", role="subject" if ops == "kernels" else "baseline",
+                device=device, items=batch, method=method, backbone=backbone, batch=batch, exemplars=batch)

@@ -1,0 +1,582 @@
+"""The ``memkd`` command line: train, test, predict, info and demo.
+
+Every command prints ``memkd: error: <one line>`` and exits with status 1 on bad input (missing
+paths, unknown categories, corrupt checkpoints, dataset layout errors, invalid settings); ``--debug``
+shows the traceback instead. Usage errors exit with status 2, an interrupt with 130.
+
+Importing this module sets ``OMP_WAIT_POLICY=PASSIVE`` unless the environment sets it (see below).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+# On a CPU shared with other work, OpenMP threads that spin while waiting for a descheduled peer
+# make every parallel op many times slower (measured: a training step 4-6x slower on 2 busy cores).
+# Passive waiting costs little when the cores are free. Must be set before torch loads OpenMP; an
+# explicit OMP_WAIT_POLICY in the environment wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class CommandError(Exception):
+    """A failure whose message is meant for the user as it is."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line: ``memkd: error: ... (see --help)``."""
+
+    def error(self, message: str):  # noqa: D401 - argparse's signature
+        self.exit(EXIT_USAGE, f"memkd: error: {message} (see `{self.prog} --help`)\n")
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except for required options and those whose default None the help explains."""
+
+    def _get_help_string(self, action):
+        if action.required or action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
+# ---- argument helpers ---------------------------------------------------------------------------
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def _finite_float(text: str) -> float:
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def _eval_size(text: str):
+    from memkd.evaluation import parse_eval_size
+
+    try:
+        return parse_eval_size(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'input', 'native' or a positive integer, got {text!r}") from None
+
+
+def _weights(text: str) -> Optional[str]:
+    return None if text.lower() in ("none", "random") else text
+
+
+def resolve_device(name: str) -> str:
+    """"auto" -> "cuda" when available else "cpu"; other names are checked."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise CommandError(f"device: {exc}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CommandError(f"device {name}: CUDA is not available on this machine (use --device cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise CommandError(f"device {name}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    elif device.type != "cpu":
+        raise CommandError(f"device {name}: expected auto, cpu, cuda or cuda:N")
+    return name
+
+
+def _add_common(parser: argparse.ArgumentParser, device: bool = True, workers: bool = True) -> None:
+    if device:
+        parser.add_argument("--device", default="auto", help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N")
+    if workers:
+        from memkd.data import default_workers
+
+        parser.add_argument(
+            "--workers", type=_non_negative_int, default=default_workers(), help="data loading processes (0: load in the main process)"
+        )
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
+
+
+def _add_eval_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--eval-size",
+        type=_eval_size,
+        default="input",
+        help="resolution of the pixel metrics: 'input' = the model's input size (256x256 by default; masks resized "
+        "to it), 'native' = each mask's own resolution, or N for NxN",
+    )
+    parser.add_argument(
+        "--threshold-mode",
+        choices=("image", "pixel"),
+        default="image",
+        help="decision threshold stored with the checkpoint: F1-max over the test images' scores ('image') or over "
+        "all test pixels ('pixel'); an image is anomalous when its score > threshold",
+    )
+    parser.add_argument("--figures", type=_non_negative_int, default=8, help="test images to draw as heatmap figures")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from memkd.data import DATASET_NAMES
+    from memkd.models import BACKBONES, METHODS
+
+    parser = _Parser(
+        prog="memkd",
+        formatter_class=_Formatter,
+        description="MemKD (memory-guided knowledge distillation, ICCV 2023) for unsupervised anomaly detection.",
+        epilog="Run `memkd demo` for a 10-minute CPU tour on texture photographs; `memkd COMMAND --help` for details.",
+    )
+    parser.add_argument("--debug", action="store_true", default=False, help="show tracebacks on errors")
+    from memkd import __version__
+
+    parser.add_argument("--version", action="version", version=f"memkd {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    commands.required = True
+
+    # train
+    train = commands.add_parser(
+        "train",
+        formatter_class=_Formatter,
+        help="train a model on one category (or all), then evaluate it",
+        description="Train on the normal training images of a category, save the checkpoint in --out, evaluate on the "
+        "test split (metrics.json, metrics.md, figures/) and store the decision threshold in the checkpoint. With "
+        "--category all, every category found under --data-root is trained into OUT/<category> and one results "
+        "table (results.md, results.json, with the mean) is written to OUT. Defaults are the paper's recipe.",
+    )
+    train.add_argument("--dataset", choices=DATASET_NAMES, default="mvtec", help="dataset layout")
+    train.add_argument("--data-root", type=Path, required=True, help="the dataset's root folder")
+    train.add_argument(
+        "--category", default=None, help="category to train, or 'all' for every category under --data-root (folder datasets: none = the root itself)"
+    )
+    train.add_argument("--method", choices=sorted(METHODS), default="memkd", help="memkd (the paper), rd (RD4AD baseline), or an ablation")
+    train.add_argument("--backbone", choices=sorted(BACKBONES), default="wide_resnet50_2", help="teacher network")
+    train.add_argument(
+        "--weights", type=_weights, default="imagenet", help="teacher weights: imagenet, another torchvision weight name, none (random init) or a .pth/.pt/.safetensors path"
+    )
+    train.add_argument("--image-size", type=_positive_int, default=256, help="input size (square, a multiple of 32)")
+    train.add_argument("--memory-items", type=_positive_int, default=50, help="key-value pairs L per memory")
+    train.add_argument("--exemplars", type=_positive_int, default=16, help="exemplar set size N per step (NEL)")
+    train.add_argument("--epochs", type=_positive_int, default=100, help="training epochs")
+    train.add_argument("--batch-size", type=_positive_int, default=16, help="batch size (training and evaluation)")
+    train.add_argument("--lr", type=_finite_float, default=0.005, help="Adam learning rate")
+    train.add_argument("--seed", type=_non_negative_int, default=0, help="random seed")
+    train.add_argument("--save-every", type=_positive_int, default=10, help="checkpoint every this many epochs")
+    train.add_argument("--amp", action="store_true", help="bf16 autocast")
+    train.add_argument("--channels-last", action="store_true", help="NHWC convolutions (GPUs)")
+    train.add_argument("--compile", action="store_true", help="torch.compile the training step")
+    train.add_argument("--resume", action="store_true", help="continue the checkpoint(s) in --out (e.g. with more --epochs)")
+    train.add_argument("--out", type=Path, required=True, help="run directory (checkpoint and results)")
+    _add_eval_options(train)
+    _add_common(train)
+    train.set_defaults(handler=cmd_train)
+
+    # test
+    test = commands.add_parser(
+        "test",
+        formatter_class=_Formatter,
+        help="evaluate a checkpoint on a test split and store its decision threshold",
+        description="Evaluate a checkpoint (a run directory, a file in it, or a `--category all` run directory) on "
+        "the test split: metrics.json, metrics.md (table with the mean) and heatmap figures (image, ground truth, "
+        "overlay) in the run directory or --out. The decision threshold is F1-max on the test images' scores by "
+        "default (--threshold-mode pixel: pixel-level F1-max); it is stored in the checkpoint when the checkpoint "
+        "was trained on the tested category. Dataset, category and data root default to those stored at training.",
+    )
+    test.add_argument("checkpoint", type=Path, help="run directory or checkpoint file")
+    test.add_argument("--data-root", type=Path, default=None, help="dataset root (default: the one stored at training)")
+    test.add_argument("--dataset", choices=DATASET_NAMES, default=None, help="dataset layout (default: stored)")
+    test.add_argument("--category", default=None, help="category (default: stored)")
+    test.add_argument("--batch-size", type=_positive_int, default=16, help="images per batch")
+    test.add_argument("--out", type=Path, default=None, help="where to write the results (default: the run directory)")
+    _add_eval_options(test)
+    _add_common(test)
+    test.set_defaults(handler=cmd_test)
+
+    # predict
+    predict = commands.add_parser(
+        "predict",
+        formatter_class=_Formatter,
+        help="score images with a checkpoint: heatmap overlays and a CSV of decisions",
+        description="Score images (files, or folders searched recursively) in batches with one model load. Writes "
+        "<name>_heatmap.png per image and predictions.csv (path, score, decision, threshold, heatmap) to --out. "
+        "An image is anomalous when its score > threshold; the threshold comes from the checkpoint (stored by "
+        "`memkd train` / `memkd test`) unless --threshold is given.",
+    )
+    predict.add_argument("checkpoint", type=Path, help="run directory or checkpoint file")
+    predict.add_argument("images", type=Path, nargs="+", help="image files or folders")
+    predict.add_argument("--out", type=Path, required=True, help="output folder")
+    predict.add_argument("--threshold", type=_finite_float, default=None, help="decision threshold (default: the checkpoint's)")
+    predict.add_argument("--batch-size", type=_positive_int, default=16, help="images per batch")
+    _add_common(predict)
+    predict.set_defaults(handler=cmd_predict)
+
+    # info
+    info = commands.add_parser(
+        "info",
+        formatter_class=_Formatter,
+        help="versions, devices and the kernel backend of each op",
+        description="Print the versions of memkd, torch, torchvision and triton, the devices, and which kernel "
+        "backend serves each memkd op on each device and why (memkd.ops.backends()).",
+    )
+    info.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
+    info.set_defaults(handler=cmd_info)
+
+    # demo
+    from memkd import demo
+
+    demo_parser = commands.add_parser(
+        "demo",
+        formatter_class=_Formatter,
+        help="train and compare MemKD and RD on texture photographs with synthetic defects",
+        description=demo.DESCRIPTION,
+    )
+    demo.add_arguments(demo_parser)
+    _add_common(demo_parser)
+    demo_parser.set_defaults(workers=0)  # tiny images: loader processes would only compete for the cores
+    demo_parser.set_defaults(handler=cmd_demo)
+    return parser
+
+
+# ---- commands -----------------------------------------------------------------------------------
+
+
+def _print(*args: Any) -> None:
+    print(*args, flush=True)
+
+
+def _train_config(args: argparse.Namespace, device: str):
+    from memkd.train import TrainConfig
+
+    return TrainConfig(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        save_every=args.save_every,
+        workers=args.workers,
+        device=None if device == "auto" else device,
+        amp=args.amp,
+        channels_last=args.channels_last,
+        compile=args.compile,
+        progress=args.progress,
+    )
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import torch.distributed as dist
+
+    from memkd.data import build_dataset, discover_categories
+    from memkd.evaluation import build_test_dataset, train_category, write_summary
+    from memkd.models import MemKDConfig
+
+    device = resolve_device(args.device)
+    model_config = MemKDConfig(
+        method=args.method,
+        backbone=args.backbone,
+        weights=args.weights,
+        image_size=args.image_size,
+        memory_items=args.memory_items,
+        exemplars=args.exemplars,
+    )
+    train_config = _train_config(args, device)
+    if args.category == "all":
+        categories = discover_categories(args.dataset, args.data_root)
+        if not categories:
+            raise CommandError(f"no {args.dataset} categories found under {args.data_root}")
+        runs = [(c, args.out / c) for c in categories]
+    else:
+        runs = [(args.category, args.out)]
+    # Check every layout before hours of training.
+    for category, _ in runs:
+        build_dataset(args.dataset, args.data_root, category, "train", image_size=args.image_size)
+        build_test_dataset(args.dataset, args.data_root, category, model_config, args.eval_size)
+    results = {}
+    for index, (category, run_dir) in enumerate(runs):
+        if len(runs) > 1:
+            _print(f"[{index + 1}/{len(runs)}] {args.dataset}/{category} -> {run_dir}")
+        evaluation = train_category(
+            args.dataset,
+            args.data_root,
+            category,
+            run_dir,
+            None if args.resume else model_config,
+            train_config,
+            resume=args.resume,
+            eval_size=args.eval_size,
+            threshold_mode=args.threshold_mode,
+            figures=args.figures,
+            progress=args.progress,
+        )
+        if evaluation is None:  # a non-main process of a distributed run
+            continue
+        results[category or args.data_root.name] = evaluation.report
+        _report_one(evaluation.report, run_dir)
+    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        return 0
+    if len(runs) > 1:
+        md, js = write_summary(args.out, results, f"memkd train: {args.dataset}, method {args.method}")
+        _print("\n" + md.read_text())
+        _print(f"results: {md} and {js}")
+    return 0
+
+
+def _report_one(report: dict, out_dir: Path) -> None:
+    from memkd import reports
+
+    _print(reports.metrics_table([(report["category"] or "test", report["metrics"])]).rstrip())
+    threshold = report["threshold"]
+    if threshold is not None:
+        _print(f"decision threshold {threshold['value']:.6g} ({threshold['mode']} F1-max; {threshold['rule']})")
+    _print(f"wrote {out_dir / 'metrics.json'}, {out_dir / 'metrics.md'} and {len(report['figures'])} figure(s) in {out_dir / 'figures'}")
+
+
+def find_checkpoints(path: Path) -> list[tuple[Optional[str], Path]]:
+    """[(None, dir)] for a checkpoint (directory or a file in it); [(name, dir), ...] for a run
+    directory of ``--category all`` holding one checkpoint per sub-folder."""
+    from memkd.train.checkpoint import CONFIG_FILE, MODEL_FILE, STATE_FILE
+
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint: no such file or directory: {path}")
+    if path.is_file():
+        if path.name not in (CONFIG_FILE, MODEL_FILE, STATE_FILE):
+            raise CommandError(
+                f"checkpoint: {path} is not a memkd checkpoint (expected its directory, or its {CONFIG_FILE} or {MODEL_FILE})"
+            )
+        return [(None, path.parent)]
+    if (path / CONFIG_FILE).is_file():
+        return [(None, path)]
+    runs = sorted(d for d in path.iterdir() if d.is_dir() and (d / CONFIG_FILE).is_file())
+    if not runs:
+        raise CommandError(f"checkpoint: no memkd checkpoint in {path} (no {CONFIG_FILE} there or in its sub-folders)")
+    return [(d.name, d) for d in runs]
+
+
+def _load(directory: Path, device: str):
+    from memkd.train import load_checkpoint
+
+    return load_checkpoint(directory, device=resolve_device(device))
+
+
+def cmd_test(args: argparse.Namespace) -> int:
+    from memkd.evaluation import build_test_dataset, evaluate_model, store_threshold, write_summary
+
+    found = find_checkpoints(args.checkpoint)
+    multi = found[0][0] is not None
+    if multi and args.category is not None:
+        found = [(name, d) for name, d in found if name == args.category]
+        if not found:
+            raise CommandError(f"category {args.category!r}: no run for it in {args.checkpoint}")
+    results = {}
+    for name, directory in found:
+        checkpoint = _load(directory, args.device)
+        extra = checkpoint.extra
+        dataset = args.dataset or extra.get("dataset")
+        category = args.category if args.category is not None else extra.get("category")
+        data_root = args.data_root or (Path(extra["data_root"]) if extra.get("data_root") else None)
+        if dataset is None:
+            raise CommandError(f"{directory}: the checkpoint does not say which dataset it was trained on; pass --dataset")
+        if data_root is None:
+            raise CommandError(f"{directory}: the checkpoint does not say where its data is; pass --data-root")
+        test_set = build_test_dataset(dataset, data_root, category, checkpoint.config, args.eval_size)
+        out_dir = directory if args.out is None else (args.out / name if multi else args.out)
+        evaluation = evaluate_model(
+            checkpoint.model,
+            test_set,
+            out_dir,
+            dataset=dataset,
+            category=category or "",
+            eval_size=args.eval_size,
+            threshold_mode=args.threshold_mode,
+            figures=args.figures,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            progress=args.progress,
+            info={"checkpoint": str(directory.resolve()), "data_root": str(Path(data_root).resolve())},
+        )
+        results[category or name or Path(data_root).name] = evaluation.report
+        _report_one(evaluation.report, out_dir)
+        trained_on = (extra.get("dataset"), extra.get("category"))
+        if trained_on == (None, None) or trained_on == (dataset, category):
+            if evaluation.report["threshold"] is not None:
+                store_threshold(directory, evaluation.report)
+                _print(f"stored the threshold in {directory / 'config.json'}")
+        else:
+            _print(
+                f"not storing the threshold: the checkpoint was trained on {trained_on[0]}/{trained_on[1]}, "
+                f"tested on {dataset}/{category}"
+            )
+    if multi:
+        out = args.out or args.checkpoint
+        md, js = write_summary(out, results, f"memkd test: {args.checkpoint}")
+        _print("\n" + md.read_text())
+        _print(f"results: {md} and {js}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from memkd.evaluation import collect_images, predict_images
+
+    found = find_checkpoints(args.checkpoint)
+    if found[0][0] is not None:
+        raise CommandError(
+            f"{args.checkpoint} holds one checkpoint per category ({', '.join(n for n, _ in found)}); pass one of them"
+        )
+    collect_images(args.images)  # fail on a missing path before loading the model
+    directory = found[0][1]
+    checkpoint = _load(directory, args.device)
+    threshold = args.threshold if args.threshold is not None else checkpoint.extra.get("threshold")
+    if threshold is None:
+        raise CommandError(
+            f"{directory}: the checkpoint has no decision threshold; run `memkd test {directory} --data-root DIR` "
+            "to choose one, or pass --threshold"
+        )
+    csv_path, rows = predict_images(
+        checkpoint.model,
+        args.images,
+        args.out,
+        float(threshold),
+        checkpoint.extra.get("heatmap_range"),
+        batch_size=args.batch_size,
+        workers=args.workers,
+        progress=args.progress,
+    )
+    anomalous = sum(r["decision"] == "anomalous" for r in rows)
+    errors = [r for r in rows if r["decision"] == "error"]
+    source = "--threshold" if args.threshold is not None else "the checkpoint"
+    _print(f"{len(rows)} image(s): {anomalous} anomalous, {len(rows) - anomalous - len(errors)} normal (threshold {float(threshold):.6g} from {source})")
+    for row in errors:
+        _print(f"could not read {row['path']}: {row['error']}")
+    _print(f"wrote {csv_path} and {len(rows) - len(errors)} heatmap(s) in {args.out}")
+    return 0 if not errors else EXIT_ERROR
+
+
+def info_lines() -> list[str]:
+    import platform
+
+    import numpy
+    import torch
+    import torchvision
+
+    import memkd
+    from memkd.ops import backends
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    lines = [
+        f"memkd        {memkd.__version__} ({Path(memkd.__file__).parent})",
+        f"python       {platform.python_version()}",
+        f"torch        {torch.__version__} (CUDA {torch.version.cuda or 'none'} build)",
+        f"torchvision  {torchvision.__version__}",
+        f"triton       {triton_version}",
+        f"numpy        {numpy.__version__}",
+        "devices:",
+        f"  cpu: {os.cpu_count()} core(s), torch uses {torch.get_num_threads()} thread(s)",
+    ]
+    if torch.cuda.is_available():
+        for index in range(torch.cuda.device_count()):
+            props = torch.cuda.get_device_properties(index)
+            lines.append(
+                f"  cuda:{index}: {props.name} (sm_{props.major}{props.minor}, {props.total_memory / 2**30:.1f} GiB)"
+            )
+    else:
+        lines.append("  cuda: not available")
+    lines.append("kernel backends (memkd.ops.backends()):")
+    for op, per_device in backends().items():
+        lines.append(f"  {op}:")
+        for device, why in per_device.items():
+            lines.append(f"    {device + ':':6s}{why}")
+    return lines
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    _print("\n".join(info_lines()))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from memkd import demo
+
+    demo.run_from_args(args)
+    return 0
+
+
+# ---- entry point --------------------------------------------------------------------------------
+
+
+def one_line(exc: BaseException) -> str:
+    """The user-facing message of an exception, on one line. An error re-raised by a DataLoader
+    worker carries the worker's traceback; its last line is the original error."""
+    text = str(exc).strip()
+    if "Traceback (most recent call last)" in text:
+        last = [line for line in text.splitlines() if line.strip()][-1].strip()
+        prefix, _, rest = last.partition(": ")
+        text = rest if rest and all(part.isidentifier() for part in prefix.split(".")) else last
+    if isinstance(exc, KeyError) and text.startswith("'"):
+        text = f"missing {text}"
+    text = " ".join(text.split())
+    if not text:
+        text = type(exc).__name__
+    elif not isinstance(exc, (CommandError, ValueError, OSError)):
+        text = f"{type(exc).__name__}: {text}"
+    return text
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the command line; returns the exit status (``memkd`` console script and ``python -m memkd``)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        parser = build_parser()
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as exit_:  # --help, --version and usage errors
+            return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else EXIT_USAGE)
+        debug = bool(getattr(args, "debug", False))
+        if hasattr(args, "no_progress"):
+            args.progress = not args.no_progress
+        return int(args.handler(args) or 0)
+    except KeyboardInterrupt:
+        print("memkd: interrupted", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # every failure ends in one line unless --debug
+        if debug:
+            traceback.print_exc()
+        else:
+            print(f"memkd: error: {one_line(exc)}", file=sys.stderr, flush=True)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

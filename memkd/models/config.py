@@ -1,0 +1,184 @@
+"""The model configuration: one JSON-serialisable record of everything that defines a model."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional, Sequence, Union
+
+from memkd.data import IMAGENET_MEAN, IMAGENET_STD
+from memkd.models.backbones import IMAGENET, WEIGHT_FILE_SUFFIXES, backbone_spec, is_weight_enum_name
+from memkd.models.losses import KD_MODES, NM_REDUCTIONS
+
+MEMORY_POSITIONS = (0, 1, 2)
+
+
+@dataclass(frozen=True)
+class Method:
+    """What a method name switches on."""
+
+    distillation: str  # "reverse" (RD4AD) or "forward" (MKD-style)
+    memory: Optional[str]  # "nr", "memae" or None
+    nel: bool  # normality embedding learning (L_NM on exemplars)
+    orth: bool  # pairwise orthogonal loss on keys and values
+
+
+METHODS: dict[str, Method] = {
+    "memkd": Method("reverse", "nr", nel=True, orth=True),  # the paper
+    "rd": Method("reverse", None, nel=False, orth=False),  # RD4AD baseline (Table 4a row 1)
+    "memkd-no-nel": Method("reverse", "nr", nel=False, orth=True),  # NR Memory + L_Orth (Table 4a)
+    "memkd-no-orth": Method("reverse", "nr", nel=True, orth=False),  # NR Memory + L_NM (Table 4a)
+    "memae": Method("reverse", "memae", nel=False, orth=False),  # MemAE-style memory (Table 3)
+    "memmkd": Method("forward", "nr", nel=True, orth=True),  # forward distillation (Table 5)
+    "mkd": Method("forward", None, nel=False, orth=False),  # its baseline (Table 5)
+}
+
+
+@dataclass(frozen=True)
+class MemKDConfig:
+    """A model: method, teacher, memory layout, losses, input size and normalisation.
+
+    method: one of ``METHODS``. backbone: the teacher (``backbones.BACKBONES``); a forward
+    student is its plain ResNet counterpart. weights: "imagenet" (torchvision IMAGENET1K_V1),
+    another torchvision weight name, None (random init) or a .pth/.pt/.safetensors path.
+    image_size: (height, width) or an int, multiples of 32 (the bottleneck is 1/32 of the input).
+    memory_stages: memory positions 0-2 (reverse: on the bottleneck output and after decoder
+    stages 1 and 2; forward: after student layer1..3); None means all three for a method with a
+    memory. memory_items: L per memory, one int for all or one per stage.
+    exemplars: N, the exemplar set size per iteration for NEL.
+    nm_weight, orth_weight: lambda_1, lambda_2 of Eq. 11.
+    kd_mode: "flat" (whole-map cosine, the paper) or "pixel" (``losses.kd_loss``).
+    nm_reduction: "sum" (Eq. 10 literally) or "mean" (``losses.normality_memorization_loss``).
+    mean, std: the normalisation inputs must already have (the model does not apply it).
+    """
+
+    method: str = "memkd"
+    backbone: str = "wide_resnet50_2"
+    weights: Optional[str] = IMAGENET
+    image_size: Union[int, tuple[int, int]] = (256, 256)
+    memory_stages: Optional[tuple[int, ...]] = None
+    memory_items: Union[int, tuple[int, ...]] = 50
+    exemplars: int = 16
+    nm_weight: float = 0.1
+    orth_weight: float = 0.1
+    kd_mode: str = "flat"
+    nm_reduction: str = "sum"
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method: unknown method {self.method!r}; expected one of {sorted(METHODS)}")
+        backbone_spec(self.backbone)
+        self._normalise("image_size", _image_size(self.image_size))
+        self._check_weights()
+        self._normalise_memory()
+        _check_int("exemplars", self.exemplars, minimum=1)
+        for name in ("nm_weight", "orth_weight"):
+            value = getattr(self, name)
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not (number and math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name}: expected a finite number >= 0, got {value!r}")
+            self._normalise(name, float(value))
+        if self.kd_mode not in KD_MODES:
+            raise ValueError(f"kd_mode: expected one of {KD_MODES}, got {self.kd_mode!r}")
+        if self.nm_reduction not in NM_REDUCTIONS:
+            raise ValueError(f"nm_reduction: expected one of {NM_REDUCTIONS}, got {self.nm_reduction!r}")
+        self._normalise("mean", _triple("mean", self.mean, positive=False))
+        self._normalise("std", _triple("std", self.std, positive=True))
+
+    def _normalise(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)  # frozen dataclass: fix up fields once, while validating
+
+    def _check_weights(self) -> None:
+        w = self.weights
+        named = isinstance(w, str) and is_weight_enum_name(self.backbone, w)
+        if w is None or named or isinstance(w, str) and w.endswith(WEIGHT_FILE_SUFFIXES):
+            return
+        raise ValueError(
+            f"weights: expected 'imagenet', a torchvision weight name of {self.backbone}, None (random init) "
+            f"or a path ending in {', '.join(WEIGHT_FILE_SUFFIXES)}; got {w!r}"
+        )
+
+    def _normalise_memory(self) -> None:
+        stages = self.memory_stages
+        if self.method_spec.memory is None:
+            if stages:
+                raise ValueError(f"memory_stages: method {self.method!r} has no memory, got {stages!r}")
+            self._normalise("memory_stages", ())
+            self._normalise("memory_items", ())
+            return
+        stages = MEMORY_POSITIONS if stages is None else stages
+        if isinstance(stages, int) or not isinstance(stages, Sequence):
+            raise ValueError(f"memory_stages: expected a list of positions from {MEMORY_POSITIONS}, got {stages!r}")
+        stages = tuple(stages)
+        valid = all(s in MEMORY_POSITIONS and not isinstance(s, bool) for s in stages)
+        if not stages or not valid or len(set(stages)) != len(stages):
+            raise ValueError(
+                f"memory_stages: expected distinct positions from {MEMORY_POSITIONS} (at least one; use method "
+                f"'rd' or 'mkd' for none), got {self.memory_stages!r}"
+            )
+        items = self.memory_items
+        items = (items,) * len(stages) if isinstance(items, int) else tuple(items)
+        if len(items) != len(stages):
+            raise ValueError(
+                f"memory_items: expected one count per memory stage ({len(stages)}), got {self.memory_items!r}"
+            )
+        for count in items:
+            _check_int("memory_items", count, minimum=1)
+        order = sorted(range(len(stages)), key=stages.__getitem__)
+        self._normalise("memory_stages", tuple(stages[i] for i in order))
+        self._normalise("memory_items", tuple(items[i] for i in order))
+
+    @property
+    def method_spec(self) -> Method:
+        return METHODS[self.method]
+
+    @property
+    def memory_layout(self) -> dict[int, int]:
+        """{position: items} of every memory."""
+        return dict(zip(self.memory_stages, self.memory_items))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON types only (tuples become lists)."""
+        return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "MemKDConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"config: unknown field(s) {unknown}; known fields are {sorted(known)}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+
+def _jsonable(value: Any) -> Any:
+    return [_jsonable(v) for v in value] if isinstance(value, (tuple, list)) else value
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {value!r}")
+
+
+def _image_size(size: Any) -> tuple[int, int]:
+    hw = (size, size) if isinstance(size, int) else tuple(size) if isinstance(size, Sequence) else None
+    if hw is None or len(hw) != 2 or any(isinstance(s, bool) or not isinstance(s, int) or s <= 0 for s in hw):
+        raise ValueError(f"image_size: expected a positive int or (height, width), got {size!r}")
+    if any(s % 32 for s in hw):
+        raise ValueError(
+            f"image_size: height and width must be multiples of 32 (the student's bottleneck is 1/32 of the "
+            f"input), got {size!r}"
+        )
+    return hw
+
+
+def _triple(name: str, value: Any, positive: bool) -> tuple[float, float, float]:
+    try:
+        triple = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        triple = ()
+    if len(triple) != 3 or not all(math.isfinite(v) and (v > 0 or not positive) for v in triple):
+        condition = " > 0" if positive else ""
+        raise ValueError(f"{name}: expected three finite numbers (one per RGB channel){condition}, got {value!r}")
+    return triple

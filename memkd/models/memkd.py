@@ -1,0 +1,136 @@
+"""The model: frozen teacher, student with memories, the training loss and inference."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from memkd.models.backbones import Teacher, backbone_spec
+from memkd.models.config import MemKDConfig
+from memkd.models.losses import kd_loss, normality_memorization_loss, orthogonal_loss
+from memkd.models.memory import MemAEMemory, NRMemory
+from memkd.models.student import ForwardStudent, ReverseStudent
+from memkd.ops import anomaly_map
+
+MEMORY_CLASSES = {"nr": NRMemory, "memae": MemAEMemory}
+STUDENT_CLASSES = {"reverse": ReverseStudent, "forward": ForwardStudent}
+
+
+def check_images(images: torch.Tensor, name: str = "images") -> None:
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"{name}: expected a [B, 3, H, W] tensor, got {shape}")
+    if images.shape[0] == 0 or images.shape[2] % 32 or images.shape[3] % 32 or min(images.shape[2:]) == 0:
+        raise ValueError(f"{name}: expected a non-empty batch with H and W multiples of 32, got {tuple(images.shape)}")
+
+
+class MemKD(nn.Module):
+    """Teacher-student anomaly detector; ``config.method`` picks the variant (``config.METHODS``).
+
+    Inputs are image batches [B, 3, H, W], normalised with ``config.mean``/``config.std``, H and W
+    multiples of 32. Only ``student`` (bottleneck, decoder or trunk, memories) is trained.
+    """
+
+    def __init__(self, config: MemKDConfig, load_teacher_weights: bool = True):
+        """``load_teacher_weights=False`` leaves the teacher randomly initialised whatever
+        ``config.weights`` says, for callers that load its weights from elsewhere (a checkpoint)."""
+        super().__init__()
+        self.config = config
+        method = config.method_spec
+        self.teacher = Teacher(config.backbone, config.weights if load_teacher_weights else None)
+        self.student = STUDENT_CLASSES[method.distillation](
+            backbone_spec(config.backbone), config.memory_layout, MEMORY_CLASSES.get(method.memory)
+        )
+
+    @property
+    def memories(self) -> nn.ModuleDict:
+        """The memory modules by position ("0", "1", "2"); empty for "rd" and "mkd"."""
+        return self.student.memories
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.student.parameters()).device
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """What the optimiser updates: bottleneck + decoder (or forward trunk) + memories."""
+        return list(self.student.parameters())
+
+    def forward(self, images: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Student and teacher features, each a list aligned with teacher layer1..3 (finest first)."""
+        check_images(images)
+        teacher_features = self.teacher(images)
+        return self.student(images, teacher_features), teacher_features
+
+    def loss(self, images: torch.Tensor, exemplars: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+        """The loss terms of one training step (Eq. 11): "kd", plus "nm" with NEL and "orth" with
+        the orthogonal loss, and "total" = kd + nm_weight * nm + orth_weight * orth.
+
+        ``exemplars`` [N, 3, H, W]: the step's exemplar set of normal training images, required by
+        methods with NEL. L_NM and L_Orth are summed over the memory modules.
+        """
+        method, config = self.config.method_spec, self.config
+        student_features, teacher_features = self(images)
+        terms = {"kd": kd_loss(student_features, teacher_features, config.kd_mode)}
+        total = terms["kd"]
+        if method.nel:
+            if exemplars is None:
+                raise ValueError(f"exemplars: method {config.method!r} learns from an exemplar set; got None")
+            check_images(exemplars, "exemplars")
+            terms["nm"] = self.normality_memorization_loss(exemplars)
+            total = total + config.nm_weight * terms["nm"]
+        if method.orth:
+            terms["orth"] = sum(orthogonal_loss(m.keys, m.values) for m in self.memories.values())
+            total = total + config.orth_weight * terms["orth"]
+        terms["total"] = total
+        return terms
+
+    def normality_memorization_loss(self, exemplars: torch.Tensor) -> torch.Tensor:
+        """L_NM summed over memories, each against the teacher layer matching its query's shape."""
+        layer_of = {key: self.student.teacher_layer(int(key)) for key in self.memories}
+        features = self.teacher(exemplars, depth=max(layer_of.values()))
+        return sum(
+            normality_memorization_loss(features[layer_of[key] - 1], memory.values, self.config.nm_reduction)
+            for key, memory in self.memories.items()
+        )
+
+    def predict(self, images: torch.Tensor, sigma: float = 4.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Anomaly maps [B, H, W] at the input size and image scores [B] (Eq. 3-4), in eval mode
+        under ``torch.inference_mode`` (the previous mode is restored). Runs in fp32 unless called
+        inside autocast; the maps are fp32 either way."""
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.inference_mode():
+                student, teacher = self(images.to(self.device))
+                return anomaly_map(
+                    [f.float() for f in student], [f.float() for f in teacher], images.shape[-2:], sigma
+                )
+        finally:
+            self.train(was_training)
+
+
+def build_model(config: MemKDConfig, load_teacher_weights: bool = True) -> MemKD:
+    """The model for ``config`` (see ``MemKD``)."""
+    if not isinstance(config, MemKDConfig):
+        raise TypeError(f"config: expected a MemKDConfig, got {type(config).__name__}")
+    return MemKD(config, load_teacher_weights)
+
+
+def _megabytes(tensors: Sequence[torch.Tensor]) -> float:
+    return sum(t.numel() * t.element_size() for t in tensors) / 1e6
+
+
+def size_report(model: MemKD) -> dict[str, float]:
+    """Parameter counts (millions) and sizes (MB = 1e6 bytes) of the teacher, the student (with its
+    memories) and the memory bank alone (the paper's Table 3 "Mem. Size")."""
+    parts = {
+        "teacher": list(model.teacher.parameters()),
+        "student": list(model.student.parameters()),
+        "memory_bank": list(model.memories.parameters()),
+    }
+    report = {}
+    for name, params in parts.items():
+        report[f"{name}_params_millions"] = sum(p.numel() for p in params) / 1e6
+        report[f"{name}_mb"] = _megabytes(params)
+    return report

@@ -1,0 +1,419 @@
+"""Training, by default the paper's recipe: Adam (lr 0.005, betas (0.5, 0.999)), global batch 16,
+100 epochs, a fresh exemplar set of N normal training images every iteration for NEL. Only the
+student (bottleneck, decoder or trunk, memories) is optimised.
+
+Single process: ``train(dataset, run_dir, MemKDConfig(...), TrainConfig(...))``. Distributed:
+the same call in a script started by ``torchrun --nproc_per_node=K`` (NCCL on GPUs, Gloo on
+CPUs); ``batch_size`` stays the global batch, split over the processes, BatchNorm statistics
+cover the global batch (``sync_batchnorm``), and rank 0 alone logs and writes checkpoints.
+
+Determinism and resuming: the data order of epoch e comes from (seed, e) and the exemplar set of
+step s from (seed, s), both independent of the process count; checkpoints are taken at epoch ends
+with the optimizer and RNG states, so a resumed run continues exactly as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Optional, Union
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, Sampler
+from tqdm.auto import tqdm
+
+from memkd.data import default_workers
+from memkd.models import MemKD, MemKDConfig, build_model
+from memkd.train.checkpoint import (
+    CONFIG_FILE,
+    capture_rng_state,
+    load_checkpoint,
+    load_training_state,
+    read_header,
+    restore_rng_state,
+    save_checkpoint,
+)
+from memkd.train.distributed import DistributedContext, all_reduce_mean, init_distributed, sync_batchnorm
+
+LOG_FILE = "log.jsonl"
+TrainingData = Union[Dataset, DataLoader]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train. The defaults are the paper's recipe (Sec. 5.2) and RD4AD's optimiser.
+
+    batch_size: the global batch, split evenly over distributed processes. save_every: write the
+    checkpoint every this many epochs (and after the last). log_every: log the mean loss terms
+    over this many steps (each log synchronises with the device). workers: data loading processes
+    per loader (None: ``memkd.data.default_workers()``). device: None for cuda:LOCAL_RANK when
+    available, else the CPU. amp: bf16 autocast. channels_last: NHWC convolutions (GPUs).
+    compile: ``torch.compile`` the training step with ``compile_backend``. sync_batchnorm: global
+    batch statistics in distributed runs. A Dataset is batched here; a DataLoader given instead is
+    used as it is (its batch size and order), and its dataset provides the exemplars.
+    """
+
+    epochs: int = 100
+    batch_size: int = 16
+    lr: float = 0.005
+    betas: tuple[float, float] = (0.5, 0.999)
+    seed: int = 0
+    save_every: int = 10
+    log_every: int = 10
+    workers: Optional[int] = None
+    device: Optional[str] = None
+    amp: bool = False
+    channels_last: bool = False
+    compile: bool = False
+    compile_backend: str = "inductor"
+    sync_batchnorm: bool = True
+    progress: bool = True
+
+    def __post_init__(self):
+        for name in ("epochs", "batch_size", "save_every", "log_every"):
+            _check_int(name, getattr(self, name), minimum=1)
+        _check_int("seed", self.seed, minimum=0)
+        if self.workers is not None:
+            _check_int("workers", self.workers, minimum=0)
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr: expected a finite number > 0, got {self.lr!r}")
+        betas = tuple(self.betas)
+        if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
+            raise ValueError(f"betas: expected two numbers in [0, 1), got {self.betas!r}")
+        object.__setattr__(self, "betas", tuple(float(b) for b in betas))
+
+    def to_dict(self) -> dict[str, Any]:
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {name: list(v) if isinstance(v, tuple) else v for name, v in values.items()}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"train config: unknown field(s) {unknown}; known fields are {sorted(known)}")
+        return cls(**data)
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {value!r}")
+
+
+def image_of(item: Any) -> torch.Tensor:
+    """The image tensor of a dataset item or a collated batch: a tensor, a dict with "image", or an
+    (image, ...) tuple."""
+    if isinstance(item, torch.Tensor):
+        return item
+    if isinstance(item, Mapping) and isinstance(item.get("image"), torch.Tensor):
+        return item["image"]
+    if isinstance(item, (tuple, list)) and item and isinstance(item[0], torch.Tensor):
+        return item[0]
+    raise TypeError(
+        "training data: expected image tensors, dicts with an 'image' tensor or (image, ...) tuples, "
+        f"got {type(item).__name__}"
+    )
+
+
+def collate_images(items: list[Any]) -> torch.Tensor:
+    """Stack the images of dataset items into a batch, dropping everything else (labels, paths)."""
+    return torch.stack([image_of(item) for item in items])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class ExemplarBatches(Sampler[list[int]]):
+    """The exemplar set of every step from ``start_step`` on, as dataset indices for this rank.
+
+    Step s draws ``per_rank * world_size`` distinct indices (with replacement only when the dataset
+    is smaller) from a generator seeded by (seed, s), the same on every rank, and rank r takes the
+    r-th slice: the ranks together hold one exemplar set of N images, as a single process would
+    (N is rounded up to a multiple of the process count). Stateless per step, so resuming at step s
+    continues the same sequence.
+    """
+
+    def __init__(
+        self, dataset_size: int, exemplars: int, seed: int, rank: int = 0, world_size: int = 1, start_step: int = 0
+    ):
+        if dataset_size < 1:
+            raise ValueError("training data: the dataset is empty; exemplars cannot be drawn")
+        self.dataset_size, self.seed, self.rank, self.world_size = dataset_size, seed, rank, world_size
+        self.per_rank = math.ceil(exemplars / world_size)
+        self.start_step = start_step
+
+    def indices(self, step: int) -> list[int]:
+        total = self.per_rank * self.world_size
+        seed = int(np.random.SeedSequence([self.seed, step]).generate_state(1, np.uint64)[0]) >> 1
+        generator = torch.Generator().manual_seed(seed)
+        if self.dataset_size >= total:
+            chosen = torch.randperm(self.dataset_size, generator=generator)[:total]
+        else:
+            chosen = torch.randint(self.dataset_size, (total,), generator=generator)
+        return chosen[self.rank * self.per_rank : (self.rank + 1) * self.per_rank].tolist()
+
+    def __iter__(self) -> Iterator[list[int]]:
+        step = self.start_step
+        while True:
+            yield self.indices(step)
+            step += 1
+
+
+class TrainingStep(nn.Module):
+    """``model.loss`` as a module's forward, so DistributedDataParallel and torch.compile see it."""
+
+    def __init__(self, model: MemKD):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor, exemplars: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+        return self.model.loss(images, exemplars)
+
+
+class LossMeter:
+    """Sums of the loss terms on the device since the last report, read with one synchronisation."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.steps = self.images = 0
+        self.started = time.perf_counter()
+
+    def add(self, terms: Mapping[str, torch.Tensor], images: int) -> None:
+        for key, value in terms.items():
+            value = value.detach().float()
+            self.sums[key] = self.sums[key] + value if key in self.sums else value
+        self.steps += 1
+        self.images += images
+
+    def report(self, world_size: int) -> tuple[dict[str, float], float]:
+        """Mean of each term over steps and processes, and global images per second; then resets."""
+        keys = list(self.sums)
+        means = all_reduce_mean(torch.stack([self.sums[k] for k in keys]) / self.steps).tolist()
+        rate = self.images * world_size / max(time.perf_counter() - self.started, 1e-9)
+        self.reset()
+        return dict(zip(keys, means)), rate
+
+
+class Trainer:
+    """Trains a model into ``run_dir`` (checkpoint files and ``log.jsonl``); see the module doc.
+
+    ``resume=True`` continues the checkpoint in ``run_dir``: the model config comes from it (one
+    passed must equal it), the train config too unless one is passed (e.g. with more epochs).
+    Without ``resume`` a ``run_dir`` that already holds a checkpoint is refused.
+    """
+
+    def __init__(
+        self,
+        data: TrainingData,
+        run_dir: Union[str, Path],
+        model_config: Optional[MemKDConfig] = None,
+        train_config: Optional[TrainConfig] = None,
+        resume: bool = False,
+    ):
+        self.run_dir = Path(run_dir)
+        self.train_config = config = self._train_config(model_config, train_config, resume)
+        self.ctx: DistributedContext = init_distributed(config.device)
+        if config.batch_size % self.ctx.world_size:
+            raise ValueError(
+                f"batch_size: the global batch {config.batch_size} does not split over {self.ctx.world_size} processes"
+            )
+
+        training_state = None
+        if resume:
+            checkpoint = load_checkpoint(self.run_dir)
+            training_state = load_training_state(self.run_dir, checkpoint.epoch, checkpoint.step)
+            self.model = checkpoint.model
+        else:
+            seed_everything(config.seed)  # the same initial weights on every rank
+            self.model = build_model(model_config or MemKDConfig())
+        self.model.to(self.ctx.device)
+        if config.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        if self.ctx.is_distributed and config.sync_batchnorm:
+            self.model.student = sync_batchnorm(self.model.student, self.ctx.device)
+        self.model.train()
+        self.optimizer = torch.optim.Adam(self.model.trainable_parameters(), lr=config.lr, betas=config.betas)
+        self.epoch = self.step = 0
+        if training_state is not None:
+            self.optimizer.load_state_dict(training_state["optimizer"])
+            restore_rng_state(training_state["rng"])
+            self.epoch, self.step = training_state["epoch"], training_state["step"]
+
+        step: nn.Module = TrainingStep(self.model)
+        if self.ctx.is_distributed:
+            device_ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
+            step = DistributedDataParallel(step, device_ids=device_ids)
+        self.training_step = torch.compile(step, backend=config.compile_backend) if config.compile else step
+        self.loader = self._make_loader(data)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+
+    def _train_config(
+        self, model_config: Optional[MemKDConfig], train_config: Optional[TrainConfig], resume: bool
+    ) -> TrainConfig:
+        """The train config to use, after checking ``run_dir`` against ``resume`` and the model config."""
+        if not resume:
+            if (self.run_dir / CONFIG_FILE).exists():
+                raise FileExistsError(
+                    f"run_dir: {self.run_dir} already holds a checkpoint; resume it or choose another directory"
+                )
+            return train_config or TrainConfig()
+        header = read_header(self.run_dir)
+        stored = MemKDConfig.from_dict(header["config"])
+        if model_config is not None and model_config != stored:
+            changed = [k for k, v in stored.to_dict().items() if model_config.to_dict()[k] != v]
+            raise ValueError(f"model_config: differs from the checkpoint in {self.run_dir} in {changed}")
+        if train_config is None and header.get("training"):
+            return TrainConfig.from_dict(header["training"])
+        return train_config or TrainConfig()
+
+    @property
+    def config(self) -> MemKDConfig:
+        return self.model.config
+
+    def _workers(self) -> int:
+        return default_workers() if self.train_config.workers is None else self.train_config.workers
+
+    def _make_loader(self, data: TrainingData) -> DataLoader:
+        if isinstance(data, DataLoader):
+            if self.ctx.is_distributed and not isinstance(data.sampler, DistributedSampler):
+                raise ValueError(
+                    "data: a DataLoader for distributed training must shard with a DistributedSampler; "
+                    "pass the Dataset instead"
+                )
+            return data
+        if isinstance(data, IterableDataset) or not (hasattr(data, "__len__") and hasattr(data, "__getitem__")):
+            raise TypeError(
+                "data: expected a map-style Dataset (indexable, with a length) or a DataLoader, "
+                f"got {type(data).__name__}"
+            )
+        if len(data) == 0:
+            raise ValueError("data: the training dataset is empty")
+        workers = self._workers()
+        # the same permutation on every rank, rank r taking items r, r + world, ...: together they
+        # cover what one process would take in the same step
+        sampler = DistributedSampler(
+            data, self.ctx.world_size, self.ctx.rank, shuffle=True, seed=self.train_config.seed
+        )
+        return DataLoader(
+            data,
+            batch_size=self.train_config.batch_size // self.ctx.world_size,
+            sampler=sampler,
+            num_workers=workers,
+            collate_fn=collate_images,
+            pin_memory=self.ctx.device.type == "cuda",
+            persistent_workers=workers > 0,
+        )
+
+    def _exemplar_batches(self) -> Optional[Iterator[torch.Tensor]]:
+        if not self.config.method_spec.nel:
+            return None
+        dataset = self.loader.dataset
+        if isinstance(dataset, IterableDataset):
+            raise TypeError("data: NEL draws exemplars by index; an IterableDataset cannot provide them")
+        sampler = ExemplarBatches(
+            len(dataset), self.config.exemplars, self.train_config.seed, self.ctx.rank, self.ctx.world_size, self.step
+        )
+        loader = DataLoader(
+            dataset,
+            batch_sampler=sampler,
+            num_workers=self._workers(),
+            collate_fn=collate_images,
+            pin_memory=self.ctx.device.type == "cuda",
+        )
+        return iter(loader)
+
+    def _to_device(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.to(self.ctx.device, non_blocking=True)
+        return images.contiguous(memory_format=torch.channels_last) if self.train_config.channels_last else images
+
+    def fit(self) -> MemKD:
+        """Train up to ``train_config.epochs`` and return the model (checkpointed in ``run_dir``)."""
+        config = self.train_config
+        exemplar_batches = self._exemplar_batches()
+        meter = LossMeter()
+        steps_per_epoch = len(self.loader)
+        for epoch in range(self.epoch, config.epochs):
+            if isinstance(self.loader.sampler, DistributedSampler):
+                self.loader.sampler.set_epoch(epoch)
+            bar = tqdm(
+                total=steps_per_epoch,
+                desc=f"epoch {epoch + 1}/{config.epochs}",
+                disable=not (config.progress and self.ctx.is_main),
+            )
+            meter.reset()  # the interval starts with this epoch's data loading
+            for index, batch in enumerate(self.loader):
+                images = self._to_device(image_of(batch))
+                exemplars = self._to_device(next(exemplar_batches)) if exemplar_batches is not None else None
+                with torch.autocast(self.ctx.device.type, dtype=torch.bfloat16, enabled=config.amp):
+                    terms = self.training_step(images, exemplars)
+                self.optimizer.zero_grad(set_to_none=True)
+                terms["total"].backward()
+                self.optimizer.step()
+                self.step += 1
+                meter.add(terms, images.shape[0])
+                if self.step % config.log_every == 0 or index == steps_per_epoch - 1:
+                    self._log(meter, epoch, bar)
+                bar.update()
+            bar.close()
+            self.epoch = epoch + 1
+            if self.epoch % config.save_every == 0 or self.epoch == config.epochs:
+                self.save()
+        if self.ctx.is_distributed:
+            dist.barrier()  # every rank returns once the final checkpoint exists
+        return self.model
+
+    def _log(self, meter: LossMeter, epoch: int, bar: tqdm) -> None:
+        means, rate = meter.report(self.ctx.world_size)
+        if not all(math.isfinite(v) for v in means.values()):
+            raise FloatingPointError(f"training diverged at epoch {epoch + 1}, step {self.step}: loss terms {means}")
+        if not self.ctx.is_main:
+            return
+        bar.set_postfix({**{k: f"{v:.4g}" for k, v in means.items()}, "step": self.step, "img/s": f"{rate:.1f}"})
+        record = {
+            "epoch": epoch + 1,
+            "step": self.step,
+            **means,
+            "images_per_s": rate,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "time": time.time(),
+        }
+        with open(self.run_dir / LOG_FILE, "a") as log:
+            log.write(json.dumps(record) + "\n")
+
+    def save(self) -> None:
+        """Checkpoint the model and the training state into ``run_dir`` (rank 0)."""
+        if self.ctx.is_main:
+            save_checkpoint(
+                self.model,
+                self.run_dir,
+                epoch=self.epoch,
+                step=self.step,
+                training=self.train_config.to_dict(),
+                training_state={"optimizer": self.optimizer.state_dict(), "rng": capture_rng_state()},
+            )
+
+
+def train(
+    data: TrainingData,
+    run_dir: Union[str, Path],
+    model_config: Optional[MemKDConfig] = None,
+    train_config: Optional[TrainConfig] = None,
+    resume: bool = False,
+) -> MemKD:
+    """Train a model on ``data`` (normal images: tensors, dicts with "image" or (image, ...) tuples,
+    normalised [3, H, W]) into ``run_dir``; see ``Trainer``."""
+    return Trainer(data, run_dir, model_config, train_config, resume).fit()

@@ -101,8 +101,10 @@ def test_help_for_every_command(command, capsys):
         assert "(default:" in out
 
 
-def test_python_m_memkd_help():
-    result = subprocess.run([sys.executable, "-m", "memkd", "--help"], capture_output=True, text=True, timeout=300)
+def test_python_m_memkd_help(tmp_path):
+    # Run outside the checkout so the installed package is imported, not the source tree.
+    result = subprocess.run([sys.executable, "-m", "memkd", "--help"], capture_output=True, text=True, timeout=300,
+                            cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     for command in ("train", "test", "predict", "info", "demo"):
         assert command in result.stdout

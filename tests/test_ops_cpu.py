@@ -270,7 +270,7 @@ def test_compiled_kernels_check_arguments_too():
         torch.ops.memkd.cosine_distance_map(torch.randn(1, 4, 2, 2), torch.randn(1, 4, 3, 2))
 
 
-def test_reference_fallback_when_extension_is_absent():
+def test_reference_fallback_when_extension_is_absent(tmp_path):
     code = (
         "import warnings, torch\n"
         "with warnings.catch_warnings(record=True) as caught:\n"
@@ -288,7 +288,8 @@ def test_reference_fallback_when_extension_is_absent():
         "print('fallback ok')\n"
     )
     env = {**os.environ, "MEMKD_NO_EXTENSION": "1"}
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
+                            cwd=tmp_path)  # outside the checkout: import the installed memkd
     assert result.returncode == 0, result.stderr
     assert "fallback ok" in result.stdout
 

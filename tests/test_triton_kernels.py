@@ -449,7 +449,7 @@ def test_nr_recall_kernels_compile_for_gpus(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path)
     proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True,
-                          timeout=600)
+                          timeout=600, cwd=tmp_path)  # outside the checkout: import the installed memkd
     if proc.returncode != 0 and "ptxas" in proc.stderr and "No such file" in proc.stderr:
         pytest.skip("triton's ptxas is missing")
     assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-4000:]

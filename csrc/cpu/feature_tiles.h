@@ -3,13 +3,44 @@
 // channel norms and the BLAS products run on cache-resident data without full-size temporaries.
 #pragma once
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <algorithm>
 #include <bit>
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
 
+// MKL's per-thread thread count (the C entry point; the lowercase symbol is the Fortran one),
+// resolved from libtorch_cpu when torch was built with MKL, null otherwise.
+extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
+
 namespace memkd::cpu {
+
+// Makes MKL run on the calling thread for the guard's lifetime; 0 afterwards restores the global setting.
+class SequentialBlasGuard {
+ public:
+  SequentialBlasGuard() : previous_(MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0) {}
+  ~SequentialBlasGuard() {
+    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(previous_);
+  }
+  SequentialBlasGuard(const SequentialBlasGuard&) = delete;
+  SequentialBlasGuard& operator=(const SequentialBlasGuard&) = delete;
+
+ private:
+  int previous_;
+};
+
+// at::parallel_for for bodies that call ATen's BLAS-backed ops (at::mm_out, addmm_). OpenMP workers
+// inherit neither the caller's dispatch state, so they re-enter below autograd themselves (else mm_out
+// refuses inputs that require grad), nor a sequential BLAS: MKL could start a nested team per call.
+template <typename F>
+void parallel_for_with_blas(int64_t begin, int64_t end, int64_t grain, const F& body) {
+  at::parallel_for(begin, end, grain, [&](int64_t chunk_begin, int64_t chunk_end) {
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    const SequentialBlasGuard sequential_blas;
+    body(chunk_begin, chunk_end);
+  });
+}
 
 constexpr double kEps = 1e-8;  // the same normalisation epsilon as memkd.ops.reference.EPS
 

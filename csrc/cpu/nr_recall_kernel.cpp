@@ -101,7 +101,7 @@ at::Tensor nr_recall_cpu(const at::Tensor& query_arg, const at::Tensor& keys,
     scalar_t* out_data = out.mutable_data_ptr<scalar_t>();
     constexpr bool needs_buffers = !std::is_same_v<scalar_t, acc_t>;  // fp16/bf16 tiles are converted
 
-    at::parallel_for(0, batch * tiles_per_image, 1, [&](int64_t begin, int64_t end) {
+    parallel_for_with_blas(0, batch * tiles_per_image, 1, [&](int64_t begin, int64_t end) {
       std::vector<acc_t> q_buffer(needs_buffers ? channels * tile : 0), out_buffer(needs_buffers ? channels * tile : 0);
       std::vector<acc_t> scores(items * tile), inv_norm(tile), col_max(tile), col_sum(tile);
       std::unique_ptr<bool[]> unclamped(new bool[tile]);
@@ -160,7 +160,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nr_recall_backward_cpu(
     scalar_t* gq_data = grad_query.mutable_data_ptr<scalar_t>();
     constexpr bool needs_buffers = !std::is_same_v<scalar_t, acc_t>;
 
-    at::parallel_for(0, partitions, 1, [&](int64_t part_begin, int64_t part_end) {
+    parallel_for_with_blas(0, partitions, 1, [&](int64_t part_begin, int64_t part_end) {
       const int64_t buffer_size = needs_buffers ? channels * tile : 0;
       std::vector<acc_t> q_buffer(buffer_size), g_buffer(buffer_size), gq_buffer(buffer_size);
       std::vector<acc_t> grad_q_hat(channels * tile), weights(items * tile), grad_scores(items * tile);

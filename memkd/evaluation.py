@@ -164,10 +164,7 @@ def evaluation_maps(predictions: Predictions, config: MemKDConfig, eval_size: Ev
     if predictions.native_masks is None:
         raise ValueError(f"eval_size {eval_size!r}: the dataset was built without native masks")
     if eval_size == "native":
-        maps = resize_maps_to_masks(predictions.maps, predictions.native_masks)
-        # memkd.metrics wants both as stacks or both as lists (a stack with a list fails there).
-        masks = predictions.native_masks if isinstance(maps, list) else np.stack(predictions.native_masks)
-        return maps, masks
+        return resize_maps_to_masks(predictions.maps, predictions.native_masks), predictions.native_masks
     size = (eval_size, eval_size)
     masks = np.stack([mask_to_tensor(m.astype(bool), size)[0].numpy() for m in predictions.native_masks])
     return resize_maps(predictions.maps, size), masks

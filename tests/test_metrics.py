@@ -212,6 +212,13 @@ def test_compute_metrics_agrees_with_the_single_metrics_and_takes_tensors():
     assert image_only["image_auroc"] == results["image_auroc"] and np.isnan(image_only["aupro"])
 
 
+def test_maps_as_a_stack_with_masks_as_a_list_and_the_reverse():
+    maps, masks = random_category(6, levels=30)
+    expected = (pixel_auroc(maps, masks), pixel_ap(maps, masks), aupro(maps, masks))
+    for m, k in ((maps, list(masks)), (list(maps), masks), (torch.tensor(maps), [torch.tensor(x) for x in masks])):
+        assert (pixel_auroc(m, k), pixel_ap(m, k), aupro(m, k)) == pytest.approx(expected)
+
+
 def test_category_without_anomalies_reads_nan_with_warnings():
     maps = np.random.default_rng(0).random((4, 8, 8))
     masks = np.zeros((4, 8, 8), np.uint8)

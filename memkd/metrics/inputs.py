@@ -105,9 +105,9 @@ def pixel_inputs(maps: ArrayLike, masks: ArrayLike) -> PixelData:
             f"image {index}: map is {shapes[index]} but mask is {mask_shapes[index]} "
             "(resize the maps to the masks first, see resize_maps_to_masks)"
         )
-    if isinstance(maps, list):
+    if isinstance(maps, np.ndarray) and isinstance(masks, np.ndarray):
+        flat_scores, flat_masks = maps.reshape(-1), masks.reshape(-1)
+    else:  # a sequence of images on either side, or both
         flat_scores = np.concatenate([image.ravel() for image in maps])
         flat_masks = np.concatenate([image.ravel() for image in masks])
-    else:
-        flat_scores, flat_masks = maps.reshape(-1), masks.reshape(-1)
     return PixelData(check_scores(flat_scores, "maps"), check_binary(flat_masks, "masks"), shapes)

@@ -1,4 +1,4 @@
-"""Settings and tensor-layout helpers shared by the Triton launchers.
+"""Settings, tensor-layout helpers and a grid helper shared by the Triton kernels and launchers.
 
 Settings (module level, changed with the setters below or per call by the launchers' keyword arguments):
 
@@ -156,6 +156,15 @@ def image_strides(x: torch.Tensor) -> tuple[int, int] | None:
     if w == 1 or sh == w * sw:
         return sb, sh if w == 1 else sw
     return None
+
+
+@triton.jit
+def pixel_block(HW, BLOCK_P: tl.constexpr):
+    """On a (pixel blocks, images) grid: this program's image (int64, so that image offsets do not
+    overflow), its BLOCK_P pixel indices and their mask (< HW)."""
+    b = tl.program_id(1).to(tl.int64)
+    offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    return b, offs_p, offs_p < HW
 
 
 def num_sms(device: torch.device) -> int:

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from memkd.kernels._common import check_dtype, on_tensor_device
+from memkd.kernels._common import check_dtype, on_tensor_device, pixel_block
 from memkd.kernels.cosine_distance_map import launch_distance
 from memkd.ops.reference import gaussian_taps
 
@@ -50,9 +50,7 @@ def _upsample_sum_kernel(
     """out[b, y, x] = sum_k bilinear(dist_k[b], y, x). meta_ptr holds (offset, h, w) per stage (int64),
     scale_ptr (scale_h, scale_w) per stage (fp32)."""
     pid = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < H * W
+    b, offs, mask = pixel_block(H * W, BLOCK)
     y = offs // W
     x = offs % W
     yf = y.to(tl.float32)
@@ -93,9 +91,7 @@ def _blur_kernel(
 ):
     """One pass of the separable Gaussian along W (ALONG_W) or H, 'reflect' borders."""
     pid = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < H * W
+    b, offs, mask = pixel_block(H * W, BLOCK)
     y = offs // W
     x = offs % W
     if ALONG_W:

@@ -26,7 +26,38 @@ from memkd.kernels._common import (
     is_half,
     next_pow2,
     on_tensor_device,
+    pixel_block,
 )
+
+
+@triton.jit
+def _load_chunk(a_img, t_img, c0, C, offs_p, mask_p, stride_ac, stride_ap, stride_tc, stride_tp,
+                BLOCK_C: tl.constexpr):
+    """Channels c0 .. c0 + BLOCK_C of the block's pixels of both images as [BLOCK_C, BLOCK_P] fp32
+    (0 outside the mask), their channel indices and the mask."""
+    offs_c = c0 + tl.arange(0, BLOCK_C)
+    mask = (offs_c < C)[:, None] & mask_p[None, :]
+    a = tl.load(a_img + offs_c[:, None] * stride_ac + offs_p[None, :] * stride_ap,
+                mask=mask, other=0.0).to(tl.float32)
+    t = tl.load(t_img + offs_c[:, None] * stride_tc + offs_p[None, :] * stride_tp,
+                mask=mask, other=0.0).to(tl.float32)
+    return offs_c, mask, a, t
+
+
+@triton.jit
+def _dot_and_squared_norms(a_img, t_img, C, offs_p, mask_p, stride_ac, stride_ap, stride_tc, stride_tp,
+                           BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Per pixel of the block: a.t, |a|^2 and |t|^2 in fp32, over C in BLOCK_C chunks."""
+    dot = tl.zeros((BLOCK_P,), dtype=tl.float32)
+    aa = tl.zeros((BLOCK_P,), dtype=tl.float32)
+    tt = tl.zeros((BLOCK_P,), dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        _, _, a, t = _load_chunk(a_img, t_img, c0, C, offs_p, mask_p,
+                                 stride_ac, stride_ap, stride_tc, stride_tp, BLOCK_C)
+        dot += tl.sum(a * t, axis=0)
+        aa += tl.sum(a * a, axis=0)
+        tt += tl.sum(t * t, axis=0)
+    return dot, aa, tt
 
 
 @triton.jit
@@ -40,25 +71,9 @@ def _cosine_distance_fwd_kernel(
 ):
     """Writes d[b, p] to out_ptr + b * stride_ob + p * stride_op in out_ptr's dtype (fp32 scratch
     maps in the anomaly map, the input dtype in the op)."""
-    pid_p = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    mask_p = offs_p < HW
-    a_img = a_ptr + b * stride_ab
-    t_img = t_ptr + b * stride_tb
-    dot = tl.zeros((BLOCK_P,), dtype=tl.float32)
-    aa = tl.zeros((BLOCK_P,), dtype=tl.float32)
-    tt = tl.zeros((BLOCK_P,), dtype=tl.float32)
-    for c0 in range(0, C, BLOCK_C):
-        offs_c = c0 + tl.arange(0, BLOCK_C)
-        mask = (offs_c < C)[:, None] & mask_p[None, :]
-        a = tl.load(a_img + offs_c[:, None] * stride_ac + offs_p[None, :] * stride_ap,
-                    mask=mask, other=0.0).to(tl.float32)
-        t = tl.load(t_img + offs_c[:, None] * stride_tc + offs_p[None, :] * stride_tp,
-                    mask=mask, other=0.0).to(tl.float32)
-        dot += tl.sum(a * t, axis=0)
-        aa += tl.sum(a * a, axis=0)
-        tt += tl.sum(t * t, axis=0)
+    b, offs_p, mask_p = pixel_block(HW, BLOCK_P)
+    dot, aa, tt = _dot_and_squared_norms(a_ptr + b * stride_ab, t_ptr + b * stride_tb, C, offs_p, mask_p,
+                                         stride_ac, stride_ap, stride_tc, stride_tp, BLOCK_P, BLOCK_C)
     na = tl.maximum(tl.sqrt(aa), EPS)
     nt = tl.maximum(tl.sqrt(tt), EPS)
     d = 1.0 - dot / (na * nt)
@@ -76,27 +91,13 @@ def _cosine_distance_bwd_kernel(
     stride_dtb, stride_dtc, stride_dtp,
     EPS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    pid_p = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    mask_p = offs_p < HW
+    b, offs_p, mask_p = pixel_block(HW, BLOCK_P)
     a_img = a_ptr + b * stride_ab
     t_img = t_ptr + b * stride_tb
 
     # Pass 1: the dot product and the two norms.
-    dot = tl.zeros((BLOCK_P,), dtype=tl.float32)
-    aa = tl.zeros((BLOCK_P,), dtype=tl.float32)
-    tt = tl.zeros((BLOCK_P,), dtype=tl.float32)
-    for c0 in range(0, C, BLOCK_C):
-        offs_c = c0 + tl.arange(0, BLOCK_C)
-        mask = (offs_c < C)[:, None] & mask_p[None, :]
-        a = tl.load(a_img + offs_c[:, None] * stride_ac + offs_p[None, :] * stride_ap,
-                    mask=mask, other=0.0).to(tl.float32)
-        t = tl.load(t_img + offs_c[:, None] * stride_tc + offs_p[None, :] * stride_tp,
-                    mask=mask, other=0.0).to(tl.float32)
-        dot += tl.sum(a * t, axis=0)
-        aa += tl.sum(a * a, axis=0)
-        tt += tl.sum(t * t, axis=0)
+    dot, aa, tt = _dot_and_squared_norms(a_img, t_img, C, offs_p, mask_p,
+                                         stride_ac, stride_ap, stride_tc, stride_tp, BLOCK_P, BLOCK_C)
     na = tl.sqrt(aa)
     nt = tl.sqrt(tt)
     inv_a = 1.0 / tl.maximum(na, EPS)
@@ -110,12 +111,8 @@ def _cosine_distance_bwd_kernel(
 
     # Pass 2: write both gradients chunk by chunk.
     for c0 in range(0, C, BLOCK_C):
-        offs_c = c0 + tl.arange(0, BLOCK_C)
-        mask = (offs_c < C)[:, None] & mask_p[None, :]
-        a = tl.load(a_img + offs_c[:, None] * stride_ac + offs_p[None, :] * stride_ap,
-                    mask=mask, other=0.0).to(tl.float32)
-        t = tl.load(t_img + offs_c[:, None] * stride_tc + offs_p[None, :] * stride_tp,
-                    mask=mask, other=0.0).to(tl.float32)
+        offs_c, mask, a, t = _load_chunk(a_img, t_img, c0, C, offs_p, mask_p,
+                                         stride_ac, stride_ap, stride_tc, stride_tp, BLOCK_C)
         da = ca[None, :] * a + cat[None, :] * t
         dt = ct[None, :] * t + cat[None, :] * a
         tl.store(da_ptr + b * stride_dab + offs_c[:, None] * stride_dac + offs_p[None, :] * stride_dap,

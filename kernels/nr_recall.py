@@ -43,6 +43,7 @@ from memkd.kernels._common import (
     next_pow2,
     num_sms,
     on_tensor_device,
+    pixel_block,
     resolve_deterministic,
     resolve_precision,
 )
@@ -73,11 +74,8 @@ def _nr_recall_fwd_kernel(
     BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    pid_p = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    b, offs_p, mask_p = pixel_block(HW, BLOCK_P)
     offs_l = tl.arange(0, BLOCK_L)
-    mask_p = offs_p < HW
     mask_l = offs_l < L
     q_img = q_ptr + b * stride_qb
 
@@ -111,6 +109,19 @@ def _nr_recall_fwd_kernel(
         out = tl.dot(vt.to(DOT_DTYPE), w, input_precision=PRECISION)  # [C, P] fp32
         tl.store(o_img + offs_c[:, None] * stride_oc + offs_p[None, :] * stride_op,
                  out.to(o_ptr.dtype.element_ty), mask=mask_c[:, None] & mask_p[None, :])
+
+
+@triton.jit
+def _load_query_and_grad_chunk(q_img, do_img, c0, C, offs_p, mask_p, stride_qc, stride_qp, stride_doc, stride_dop,
+                               BLOCK_C: tl.constexpr):
+    """Channels c0 .. c0 + BLOCK_C of the tile's query and output-gradient pixels as [BLOCK_C, BLOCK_P]
+    (0 outside the mask), with their channel indices, channel mask and [BLOCK_C, BLOCK_P] mask."""
+    offs_c = c0 + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    mask_cp = mask_c[:, None] & mask_p[None, :]
+    q = tl.load(q_img + offs_c[:, None] * stride_qc + offs_p[None, :] * stride_qp, mask=mask_cp, other=0.0)
+    do = tl.load(do_img + offs_c[:, None] * stride_doc + offs_p[None, :] * stride_dop, mask=mask_cp, other=0.0)
+    return offs_c, mask_c, mask_cp, q, do
 
 
 @triton.jit
@@ -149,14 +160,9 @@ def _nr_recall_bwd_kernel(
         qsq = tl.zeros((BLOCK_P,), dtype=tl.float32)
         ksq = tl.zeros((BLOCK_L,), dtype=tl.float32)
         for c0 in range(0, C, BLOCK_C):
-            offs_c = c0 + tl.arange(0, BLOCK_C)
-            mask_c = offs_c < C
-            mask_cp = mask_c[:, None] & mask_p[None, :]
+            offs_c, mask_c, _, q, do = _load_query_and_grad_chunk(
+                q_img, do_img, c0, C, offs_p, mask_p, stride_qc, stride_qp, stride_doc, stride_dop, BLOCK_C)
             mask_lc = mask_l[:, None] & mask_c[None, :]
-            q = tl.load(q_img + offs_c[:, None] * stride_qc + offs_p[None, :] * stride_qp,
-                        mask=mask_cp, other=0.0)
-            do = tl.load(do_img + offs_c[:, None] * stride_doc + offs_p[None, :] * stride_dop,
-                         mask=mask_cp, other=0.0)
             k = tl.load(k_ptr + offs_l[:, None] * stride_kl + offs_c[None, :] * stride_kc,
                         mask=mask_lc, other=0.0)
             v = tl.load(v_ptr + offs_l[:, None] * stride_vl + offs_c[None, :] * stride_vc,
@@ -180,14 +186,9 @@ def _nr_recall_bwd_kernel(
         # Pass 2 over C: dQ chunk by chunk; dkh = dS qh^T and dV = W dO^T into the reduction.
         dq_img = dq_ptr + b * stride_dqb
         for c0 in range(0, C, BLOCK_C):
-            offs_c = c0 + tl.arange(0, BLOCK_C)
-            mask_c = offs_c < C
-            mask_cp = mask_c[:, None] & mask_p[None, :]
+            offs_c, mask_c, mask_cp, q, do = _load_query_and_grad_chunk(
+                q_img, do_img, c0, C, offs_p, mask_p, stride_qc, stride_qp, stride_doc, stride_dop, BLOCK_C)
             mask_lc = mask_l[:, None] & mask_c[None, :]
-            q = tl.load(q_img + offs_c[:, None] * stride_qc + offs_p[None, :] * stride_qp,
-                        mask=mask_cp, other=0.0)
-            do = tl.load(do_img + offs_c[:, None] * stride_doc + offs_p[None, :] * stride_dop,
-                         mask=mask_cp, other=0.0)
             kt = tl.load(k_ptr + offs_c[:, None] * stride_kc + offs_l[None, :] * stride_kl,
                          mask=mask_c[:, None] & mask_l[None, :], other=0.0)  # [C, L]
             qh = q.to(tl.float32) * inv_q[None, :]

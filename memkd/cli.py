@@ -9,11 +9,12 @@ Importing this module sets ``OMP_WAIT_POLICY=PASSIVE`` unless the environment se
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import traceback
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 # On a CPU shared with other work, OpenMP threads that spin while waiting for a descheduled peer
 # make every parallel op many times slower (measured: a training step 4-6x slower on 2 busy cores).
@@ -49,36 +50,26 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
 # ---- argument helpers ---------------------------------------------------------------------------
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+def _number_type(convert: Callable[[str], Any], is_valid: Callable[[Any], bool], what: str,
+                 what_valid: Optional[str] = None) -> Callable[[str], Any]:
+    """An argparse ``type``: ``convert(text)`` where ``is_valid`` accepts it; the errors say
+    "expected <what>" (text not convertible) or "expected <what_valid>" (default: ``what``)."""
+
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not is_valid(value):
+            raise argparse.ArgumentTypeError(f"expected {what_valid or what}, got {text!r}")
+        return value
+
+    return parse
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
-
-
-def _finite_float(text: str) -> float:
-    import math
-
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-    return value
+_positive_int = _number_type(int, lambda value: value > 0, "a positive integer")
+_non_negative_int = _number_type(int, lambda value: value >= 0, "an integer >= 0")
+_finite_float = _number_type(float, math.isfinite, "a number", "a finite number")
 
 
 def _eval_size(text: str):
@@ -145,6 +136,13 @@ def _add_eval_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--figures", type=_non_negative_int, default=8, help="test images to draw as heatmap figures")
 
 
+def _add_command(commands, name: str, handler, summary: str, description: str) -> argparse.ArgumentParser:
+    """The sub-parser of ``memkd NAME``, which runs ``handler(args)``."""
+    command = commands.add_parser(name, formatter_class=_Formatter, help=summary, description=description)
+    command.set_defaults(handler=handler)
+    return command
+
+
 def build_parser() -> argparse.ArgumentParser:
     from memkd.data import DATASET_NAMES
     from memkd.models import BACKBONES, METHODS
@@ -163,10 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
     commands.required = True
 
     # train
-    train = commands.add_parser(
+    train = _add_command(
+        commands,
         "train",
-        formatter_class=_Formatter,
-        help="train a model on one category (or all), then evaluate it",
+        cmd_train,
+        summary="train a model on one category (or all), then evaluate it",
         description="Train on the normal training images of a category, save the checkpoint in --out, evaluate on the "
         "test split (metrics.json, metrics.md, figures/) and store the decision threshold in the checkpoint. With "
         "--category all, every category found under --data-root is trained into OUT/<category> and one results "
@@ -197,13 +196,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", type=Path, required=True, help="run directory (checkpoint and results)")
     _add_eval_options(train)
     _add_common(train)
-    train.set_defaults(handler=cmd_train)
 
     # test
-    test = commands.add_parser(
+    test = _add_command(
+        commands,
         "test",
-        formatter_class=_Formatter,
-        help="evaluate a checkpoint on a test split and store its decision threshold",
+        cmd_test,
+        summary="evaluate a checkpoint on a test split and store its decision threshold",
         description="Evaluate a checkpoint (a run directory, a file in it, or a `--category all` run directory) on "
         "the test split: metrics.json, metrics.md (table with the mean) and heatmap figures (image, ground truth, "
         "overlay) in the run directory or --out. The decision threshold is F1-max on the test images' scores by "
@@ -218,13 +217,13 @@ def build_parser() -> argparse.ArgumentParser:
     test.add_argument("--out", type=Path, default=None, help="where to write the results (default: the run directory)")
     _add_eval_options(test)
     _add_common(test)
-    test.set_defaults(handler=cmd_test)
 
     # predict
-    predict = commands.add_parser(
+    predict = _add_command(
+        commands,
         "predict",
-        formatter_class=_Formatter,
-        help="score images with a checkpoint: heatmap overlays and a CSV of decisions",
+        cmd_predict,
+        summary="score images with a checkpoint: heatmap overlays and a CSV of decisions",
         description="Score images (files, or folders searched recursively) in batches with one model load. Writes "
         "<name>_heatmap.png per image and predictions.csv (path, score, decision, threshold, heatmap) to --out. "
         "An image is anomalous when its score > threshold; the threshold comes from the checkpoint (stored by "
@@ -236,32 +235,31 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--threshold", type=_finite_float, default=None, help="decision threshold (default: the checkpoint's)")
     predict.add_argument("--batch-size", type=_positive_int, default=16, help="images per batch")
     _add_common(predict)
-    predict.set_defaults(handler=cmd_predict)
 
     # info
-    info = commands.add_parser(
+    info = _add_command(
+        commands,
         "info",
-        formatter_class=_Formatter,
-        help="versions, devices and the kernel backend of each op",
+        cmd_info,
+        summary="versions, devices and the kernel backend of each op",
         description="Print the versions of memkd, torch, torchvision and triton, the devices, and which kernel "
         "backend serves each memkd op on each device and why (memkd.ops.backends()).",
     )
     info.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
-    info.set_defaults(handler=cmd_info)
 
     # demo
     from memkd import demo
 
-    demo_parser = commands.add_parser(
+    demo_parser = _add_command(
+        commands,
         "demo",
-        formatter_class=_Formatter,
-        help="train and compare MemKD and RD on texture photographs with synthetic defects",
+        cmd_demo,
+        summary="train and compare MemKD and RD on texture photographs with synthetic defects",
         description=demo.DESCRIPTION,
     )
     demo.add_arguments(demo_parser)
     _add_common(demo_parser)
     demo_parser.set_defaults(workers=0)  # tiny images: loader processes would only compete for the cores
-    demo_parser.set_defaults(handler=cmd_demo)
     return parser
 
 
@@ -282,7 +280,7 @@ def _train_config(args: argparse.Namespace, device: str):
         seed=args.seed,
         save_every=args.save_every,
         workers=args.workers,
-        device=None if device == "auto" else device,
+        device=device,
         amp=args.amp,
         channels_last=args.channels_last,
         compile=args.compile,

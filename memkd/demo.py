@@ -531,7 +531,7 @@ def run_from_args(args: argparse.Namespace) -> dict[str, Any]:
         quick=args.quick,
         seed=args.seed,
         weights=args.weights,
-        device=None if device == "auto" else device,
+        device=device,
         workers=args.workers,
         progress=args.progress,
         download_timeout=args.download_timeout,

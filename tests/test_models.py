@@ -24,13 +24,7 @@ from memkd.models import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Two shared cores: one intra-op thread each is faster than two oversubscribed ones.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_config(**overrides) -> MemKDConfig:

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import scipy.ndimage
 import torch
+from helpers import check_ops_compile_fullgraph
 
 import memkd.ops as ops
 from memkd.ops import _library, reference
@@ -161,21 +162,7 @@ def test_torch_compile_fullgraph(gen):
     v = torch.randn(5, 12, generator=gen, requires_grad=True)
     fs = [torch.randn(2, 12, 4, 4, generator=gen)]
     ft = [torch.randn(2, 12, 4, 4, generator=gen)]
-
-    def step(q, k, v):
-        out = ops.nr_recall(q, k, v)
-        return out.square().mean() + ops.cosine_distance_map(out, q).mean()
-
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    loss = compiled(q, k, v)
-    grads = torch.autograd.grad(loss, (q, k, v))
-    expected_loss = step(q, k, v)
-    expected_grads = torch.autograd.grad(expected_loss, (q, k, v))
-    torch.testing.assert_close(loss, expected_loss)
-    for got, want in zip(grads, expected_grads):
-        torch.testing.assert_close(got, want)
-    maps = torch.compile(lambda a, b: ops.anomaly_map(a, b, (8, 8), 1.0), fullgraph=True, backend="aot_eager")(fs, ft)
-    torch.testing.assert_close(maps, ops.anomaly_map(fs, ft, (8, 8), 1.0))
+    check_ops_compile_fullgraph(q, k, v, fs, ft, "aot_eager")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

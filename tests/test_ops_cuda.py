@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import scipy.ndimage
 import torch
+from helpers import check_ops_compile_fullgraph
 
 import memkd.ops as ops
 from memkd.ops import _library, reference
@@ -124,6 +125,21 @@ def check_nr_recall(query, keys, values, grad_out, dtype, backend, what=""):
         assert_close(got, want, dtype, backend, f"{what} grad {name}")
 
 
+def check_cosine_distance_map(fs, ft, dtype, backend, gen, what=""):
+    """ops.cosine_distance_map and its gradients (for a random grad_out) against the reference;
+    returns the output and the gradients."""
+    out = ops.cosine_distance_map(fs, ft)
+    grad_out = randn(*out.shape, generator=gen, dtype=dtype)
+    grads = torch.autograd.grad(out, (fs, ft), grad_out)
+    ref_inputs = [as_float64(fs), as_float64(ft)]
+    expected = reference.cosine_distance_map(*ref_inputs)
+    expected_grads = torch.autograd.grad(expected, ref_inputs, grad_out.double())
+    assert_close(out, expected, dtype, backend, f"{what} output")
+    for name, got, want in zip(("fs", "ft"), grads, expected_grads):
+        assert_close(got, want, dtype, backend, f"{what} grad {name}")
+    return out, grads
+
+
 # ---- backend selection ------------------------------------------------------------------------
 
 
@@ -166,17 +182,9 @@ def test_nr_recall_non_contiguous_keys_and_values(backend, dtype, gen):
 def test_cosine_distance_map_forward_and_gradients(backend, shape, layout, dtype, gen):
     fs = leaf(make_map(shape, dtype, layout, gen))
     ft = leaf(make_map(shape, dtype, "contiguous", gen))
-    out = ops.cosine_distance_map(fs, ft)
+    out, grads = check_cosine_distance_map(fs, ft, dtype, backend, gen)
     assert out.shape == (shape[0], shape[2], shape[3]) and out.dtype == dtype and out.is_cuda
-    grad_out = randn(*out.shape, generator=gen, dtype=dtype)
-    grads = torch.autograd.grad(out, (fs, ft), grad_out)
-    ref_inputs = [as_float64(fs), as_float64(ft)]
-    expected = reference.cosine_distance_map(*ref_inputs)
-    expected_grads = torch.autograd.grad(expected, ref_inputs, grad_out.double())
-    assert_close(out, expected, dtype, backend, "output")
-    for name, got, want in zip(("fs", "ft"), grads, expected_grads):
-        assert got.dtype == dtype
-        assert_close(got, want, dtype, backend, f"grad {name}")
+    assert all(got.dtype == dtype for got in grads)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -251,16 +259,7 @@ def test_cosine_and_anomaly_map_large_shapes(backend, dtype, gen):
                                                  (256, 256), 4.0)
     assert_close(maps, exp_maps, dtype, backend, "large maps")
     assert_close(scores, exp_scores, dtype, backend, "large scores")
-    fs, ft = leaf(student[0]), leaf(teacher[0])
-    out = ops.cosine_distance_map(fs, ft)
-    grad_out = randn(*out.shape, generator=gen, dtype=dtype)
-    grads = torch.autograd.grad(out, (fs, ft), grad_out)
-    ref_inputs = [as_float64(fs), as_float64(ft)]
-    expected = reference.cosine_distance_map(*ref_inputs)
-    expected_grads = torch.autograd.grad(expected, ref_inputs, grad_out.double())
-    assert_close(out, expected, dtype, backend, "large cosine output")
-    for name, got, want in zip(("fs", "ft"), grads, expected_grads):
-        assert_close(got, want, dtype, backend, f"large cosine grad {name}")
+    check_cosine_distance_map(leaf(student[0]), leaf(teacher[0]), dtype, backend, gen, "large cosine")
 
 
 def test_nr_recall_many_memory_items(backend, gen):
@@ -319,21 +318,7 @@ def test_torch_compile_fullgraph(backend, compile_backend, gen):
     v = randn(5, 12, generator=gen, dtype=torch.float32).requires_grad_()
     fs = [randn(2, 12, 4, 4, generator=gen, dtype=torch.float32)]
     ft = [randn(2, 12, 4, 4, generator=gen, dtype=torch.float32)]
-
-    def step(q, k, v):
-        out = ops.nr_recall(q, k, v)
-        return out.square().mean() + ops.cosine_distance_map(out, q).mean()
-
-    compiled = torch.compile(step, fullgraph=True, backend=compile_backend)
-    loss = compiled(q, k, v)
-    grads = torch.autograd.grad(loss, (q, k, v))
-    expected_loss = step(q, k, v)
-    expected_grads = torch.autograd.grad(expected_loss, (q, k, v))
-    torch.testing.assert_close(loss, expected_loss)
-    for got, want in zip(grads, expected_grads):
-        torch.testing.assert_close(got, want)
-    amap = torch.compile(lambda a, b: ops.anomaly_map(a, b, (8, 8), 1.0), fullgraph=True, backend=compile_backend)
-    torch.testing.assert_close(amap(fs, ft), ops.anomaly_map(fs, ft, (8, 8), 1.0))
+    check_ops_compile_fullgraph(q, k, v, fs, ft, compile_backend)
 
 
 # ---- determinism, degenerate input, streams and devices -----------------------------------------

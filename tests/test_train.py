@@ -26,12 +26,7 @@ from memkd.train import checkpoint as checkpoint_module
 SIZE = 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def striped_images(count: int, seed: int = 0) -> list[torch.Tensor]:

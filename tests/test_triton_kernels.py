@@ -340,6 +340,35 @@ def test_backend_kernels_match_reference_signatures(gen):
     assert isinstance(grads, tuple) and len(grads) == 2
 
 
+def check_nr_recall_op(gen):
+    """memkd.ops.nr_recall and its gradients (fp32, channels_last query) against the reference."""
+    import memkd.ops as ops
+
+    query = make_map((2, 37, 5, 7), torch.float32, "channels_last", gen).requires_grad_(True)
+    keys, values = (x.requires_grad_(True) for x in make_memory(50, 37, torch.float32, gen))
+    grad_out = make_map((2, 37, 5, 7), torch.float32, "contiguous", gen)
+    out = ops.nr_recall(query, keys, values)
+    got = torch.autograd.grad(out, (query, keys, values), grad_out)
+    expected_out, expected = nr_expected(query, keys, values, grad_out)
+    assert_close(out, expected_out, torch.float32, "out")
+    for g, e in zip(got, expected):
+        assert_close(g, e, torch.float32, "grad")
+
+
+def check_anomaly_map_op(out_size, sigma, gen):
+    """memkd.ops.anomaly_map (fp32, the STAGES features) against the reference."""
+    import memkd.ops as ops
+
+    student = [make_map((2, c, h, w), torch.float32, "contiguous", gen) for c, h, w in STAGES]
+    teacher = [make_map((2, c, h, w), torch.float32, "contiguous", gen) for c, h, w in STAGES]
+    maps, scores = ops.anomaly_map(student, teacher, out_size, sigma)
+    expected_maps, expected_scores = reference.anomaly_map(
+        [s.double().cpu() for s in student], [t.double().cpu() for t in teacher], out_size, sigma
+    )
+    assert_close(maps, expected_maps, torch.float32, "maps")
+    assert_close(scores, expected_scores, torch.float32, "scores")
+
+
 @pytest.mark.skipif(CUDA, reason="on a GPU test_ops_triton_backend_on_cuda covers this")
 def test_backend_through_the_dispatcher_on_cpu(gen):
     """KERNELS as the memkd:: ops' CPU kernels (interpreter) for the length of the test: the
@@ -352,29 +381,14 @@ def test_backend_through_the_dispatcher_on_cpu(gen):
     try:
         for name, fn in triton_backend.KERNELS.items():
             lib.impl(name, fn, "CPU", allow_override=True)
-        query = make_map((2, 37, 5, 7), torch.float32, "channels_last", gen).requires_grad_(True)
-        keys, values = (x.requires_grad_(True) for x in make_memory(50, 37, torch.float32, gen))
-        grad_out = make_map((2, 37, 5, 7), torch.float32, "contiguous", gen)
-        out = ops.nr_recall(query, keys, values)
-        got = torch.autograd.grad(out, (query, keys, values), grad_out)
-        expected_out, expected = nr_expected(query, keys, values, grad_out)
-        assert_close(out, expected_out, torch.float32, "out")
-        for g, e in zip(got, expected):
-            assert_close(g, e, torch.float32, "grad")
+        check_nr_recall_op(gen)
         fs, ft = (make_map((2, 20, 3, 5), torch.float32, "contiguous", gen).requires_grad_(True) for _ in "st")
         got = torch.autograd.grad(ops.cosine_distance_map(fs, ft).sum(), (fs, ft))
         a, t = f64(fs), f64(ft)
         expected = torch.autograd.grad(reference.cosine_distance_map(a, t).sum(), (a, t))
         for g, e in zip(got, expected):
             assert_close(g, e, torch.float32, "grad")
-        student = [make_map((2, c, h, w), torch.float32, "contiguous", gen) for c, h, w in STAGES]
-        teacher = [make_map((2, c, h, w), torch.float32, "contiguous", gen) for c, h, w in STAGES]
-        maps, scores = ops.anomaly_map(student, teacher, (7, 9), 2.0)
-        expected_maps, expected_scores = reference.anomaly_map(
-            [s.double() for s in student], [t.double() for t in teacher], (7, 9), 2.0
-        )
-        assert_close(maps, expected_maps, torch.float32, "maps")
-        assert_close(scores, expected_scores, torch.float32, "scores")
+        check_anomaly_map_op((7, 9), 2.0, gen)
     finally:
         lib._destroy()
 
@@ -387,23 +401,8 @@ def test_ops_triton_backend_on_cuda(gen):
     try:
         assert ops.cuda_backend("nr_recall") == "triton"
         K.set_input_precision("ieee")
-        query = make_map((2, 37, 5, 7), torch.float32, "channels_last", gen).requires_grad_(True)
-        keys, values = (x.requires_grad_(True) for x in make_memory(50, 37, torch.float32, gen))
-        grad_out = make_map((2, 37, 5, 7), torch.float32, "contiguous", gen)
-        out = ops.nr_recall(query, keys, values)
-        got = torch.autograd.grad(out, (query, keys, values), grad_out)
-        expected_out, expected = nr_expected(query, keys, values, grad_out)
-        assert_close(out, expected_out, torch.float32, "out")
-        for g, e in zip(got, expected):
-            assert_close(g, e, torch.float32, "grad")
-        student = [make_map((2, c, h, w), torch.float32, "contiguous", gen) for c, h, w in STAGES]
-        teacher = [make_map((2, c, h, w), torch.float32, "contiguous", gen) for c, h, w in STAGES]
-        maps, scores = ops.anomaly_map(student, teacher, (13, 17), 4.0)
-        expected_maps, expected_scores = reference.anomaly_map(
-            [s.double().cpu() for s in student], [t.double().cpu() for t in teacher], (13, 17), 4.0
-        )
-        assert_close(maps, expected_maps, torch.float32, "maps")
-        assert_close(scores, expected_scores, torch.float32, "scores")
+        check_nr_recall_op(gen)
+        check_anomaly_map_op((13, 17), 4.0, gen)
     finally:
         ops.set_cuda_backend("default")
 

@@ -60,8 +60,8 @@ class Plan:
 # quiet machine. "heavy" cases take about a second or more per call on that CPU.
 PLANS = {
     "quick": {
-        "op": Plan(7, 1), "op_heavy": Plan(3, 1),
-        "e2e": Plan(3, 1), "train": Plan(3, 1), "scaling": Plan(3, 1),
+        "op": Plan(7, 1), "op_heavy": Plan(5, 1),
+        "e2e": Plan(5, 1), "train": Plan(3, 1), "scaling": Plan(3, 1),
     },
     "full": {
         "op": Plan(30, 3), "op_heavy": Plan(10, 2),

@@ -21,7 +21,8 @@ import torch
 import report
 from benchlib import STATE as _STATE, Settings, malloc_setting, models_available, synchronized
 
-AREA_FILES = ("test_ops.py", "test_inference.py", "test_training.py", "test_memory.py", "test_scaling.py", "test_peers.py")
+AREA_FILES = ("test_ops.py", "test_inference.py", "test_training.py", "test_memory.py", "test_scaling.py", "test_peers.py",
+              "test_metrics.py")
 
 
 def pytest_addoption(parser):

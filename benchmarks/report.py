@@ -403,7 +403,7 @@ def markdown(p: dict, png_name: Optional[str]) -> str:
         if bank is not None:
             out.append(f"Memory bank (NR Memory keys + values, fp32): {bank:.3f} MB here vs {PAPER['memory_bank_mb']} MB in the paper.\n")
 
-    e2e = [c for c in p["cases"] if c["key"].startswith(("inference/", "training/", "peers/", "optim/"))]
+    e2e = [c for c in p["cases"] if c["key"].startswith(("inference/", "training/", "peers/", "optim/", "metrics/"))]
     if e2e:
         out.append("## End-to-end cases\n")
         rows = [[c["key"], c["impl"], _ms(c["median_s"]), _ms(c["iqr_s"]), _ms(c["min_s"]), _ms(c["max_s"]), c["rounds"],

@@ -3,8 +3,6 @@
 Every command prints ``memkd: error: <one line>`` and exits with status 1 on bad input (missing
 paths, unknown categories, corrupt checkpoints, dataset layout errors, invalid settings); ``--debug``
 shows the traceback instead. Usage errors exit with status 2, an interrupt with 130.
-
-Importing this module sets ``OMP_WAIT_POLICY=PASSIVE`` unless the environment sets it (see below).
 """
 from __future__ import annotations
 
@@ -15,12 +13,6 @@ import sys
 import traceback
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
-
-# On a CPU shared with other work, OpenMP threads that spin while waiting for a descheduled peer
-# make every parallel op many times slower (measured: a training step 4-6x slower on 2 busy cores).
-# Passive waiting costs little when the cores are free. Must be set before torch loads OpenMP; an
-# explicit OMP_WAIT_POLICY in the environment wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2

@@ -281,6 +281,18 @@ def test_reference_fallback_when_extension_is_absent(tmp_path):
     assert "fallback ok" in result.stdout
 
 
+def test_extension_is_compiled_with_openmp():
+    """at::parallel_for is header code: without -fopenmp its pragmas vanish and every CPU kernel runs
+    on one thread (this happened). An OpenMP build imports libgomp's GOMP_parallel."""
+    import importlib.util
+
+    if not _library.EXTENSION.loaded:
+        pytest.skip("the compiled extension is not loaded")
+    path = importlib.util.find_spec("memkd._C").origin
+    with open(path, "rb") as f:
+        assert b"GOMP_parallel" in f.read(), f"{path} was built without OpenMP"
+
+
 def test_extension_built_for_another_torch_is_refused(tmp_path, monkeypatch):
     fake = tmp_path / "_C.so"
     fake.write_bytes(b"\x7fELF...MEMKD_BUILD_INFO{torch=1.0.0,cuda=0}...")

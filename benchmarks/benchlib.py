@@ -287,6 +287,32 @@ def images(batch: int, size: int = 256, device: str = "cpu", seed: int = 0) -> t
     return torch.randn(batch, 3, size, size, generator=g).to(device)
 
 
+def train_batch(settings, backbone: str) -> int:
+    """Batch (and exemplar count) of the training-step cases: the paper's 16 where it fits the time,
+    else 2 for WideResNet50 and 4 for smaller teachers (quick mode on a CPU)."""
+    if settings.full or settings.device == "cuda":
+        return 16
+    return 2 if backbone == "wide_resnet50_2" else 4
+
+
+def training_step(model, batch: int, exemplars: int, size: int = 256, device: str = "cpu"):
+    """One optimisation step as memkd.train.Trainer runs it (the loss with a set of ``exemplars``
+    images when the method learns from one, backward, Adam), as a callable on ready tensors;
+    ``model`` is put in train mode."""
+    model.train()
+    x = images(batch, size, device)
+    exemplar_set = images(exemplars, size, device, seed=1) if model.config.method_spec.nel else None
+    optimizer = torch.optim.Adam(model.trainable_parameters(), lr=0.005, betas=(0.5, 0.999))
+
+    def step():
+        terms = model.loss(x, exemplar_set)
+        optimizer.zero_grad(set_to_none=True)
+        terms["total"].backward()
+        optimizer.step()
+
+    return step
+
+
 def memory_bank_bytes(model) -> int:
     """Bytes of all NR Memory keys and values (the paper's Table 3 "memory size")."""
     from memkd.models import NRMemory

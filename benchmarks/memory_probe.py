@@ -40,25 +40,18 @@ def _reset_peak() -> bool:
 
 def main(spec: dict) -> dict:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from benchlib import build, images
+    from benchlib import build, images, training_step
 
     torch.set_num_threads(spec["threads"])
-    device = spec["device"]
-    model = build(spec["method"], spec["backbone"], spec.get("size", 256), device)
-    x = images(spec["batch"], spec.get("size", 256), device)
+    device, size = spec["device"], spec.get("size", 256)
+    model = build(spec["method"], spec["backbone"], size, device)
     if spec["what"] == "inference":
+        x = images(spec["batch"], size, device)
+
         def call():
             model.predict(x)
     else:
-        model.train()
-        exemplars = images(spec["exemplars"], spec.get("size", 256), device, seed=1) if model.config.method_spec.nel else None
-        optimizer = torch.optim.Adam(model.trainable_parameters(), lr=0.005, betas=(0.5, 0.999))
-
-        def call():
-            terms = model.loss(x, exemplars)
-            optimizer.zero_grad(set_to_none=True)
-            terms["total"].backward()
-            optimizer.step()
+        call = training_step(model, spec["batch"], spec["exemplars"], size, device)
 
     out = dict(spec)
     if device == "cuda":

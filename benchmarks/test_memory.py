@@ -11,16 +11,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchlib import settings_of
+from benchlib import settings_of, train_batch
 
 PROBE = Path(__file__).resolve().parent / "memory_probe.py"
-
-
-def _train_batch(settings, backbone: str) -> int:
-    # the training benchmark's batch (test_training.py); the paper's 16 where it fits the time
-    if settings.full or settings.device == "cuda":
-        return 16
-    return 2 if backbone == "wide_resnet50_2" else 4
 
 
 def pytest_generate_tests(metafunc):
@@ -32,7 +25,7 @@ def pytest_generate_tests(metafunc):
     for backbone in backbones:
         for what in ("inference", "training"):
             for method in ("memkd", "rd"):
-                batch = 1 if what == "inference" else _train_batch(settings, backbone)
+                batch = 1 if what == "inference" else train_batch(settings, backbone)
                 cases.append((what, method, backbone, batch))
     metafunc.parametrize("what,method,backbone,batch", cases, ids=["-".join(map(str, c)) for c in cases])
 

@@ -12,18 +12,11 @@ from __future__ import annotations
 
 import contextlib
 
-import torch
 
-from benchlib import build, case_id, images, reference_ops, settings_of, train_key
+from benchlib import build, case_id, reference_ops, settings_of, train_batch, train_key, training_step
 from report import Target
 
 MEMKD_VS_RD_STEP = 1.25
-
-
-def _batch(settings, backbone: str) -> int:
-    if settings.full or settings.device == "cuda":
-        return 16
-    return 2 if backbone == "wide_resnet50_2" else 4
 
 
 def pytest_generate_tests(metafunc):
@@ -41,17 +34,8 @@ def pytest_generate_tests(metafunc):
 
 def test_training_step(method, backbone, ops, need_models, measure, results, settings):
     device = settings.device
-    batch = _batch(settings, backbone)
-    model = build(method, backbone, 256, device).train()
-    x = images(batch, 256, device)
-    exemplars = images(batch, 256, device, seed=1) if model.config.method_spec.nel else None
-    optimizer = torch.optim.Adam(model.trainable_parameters(), lr=0.005, betas=(0.5, 0.999))
-
-    def step():
-        terms = model.loss(x, exemplars)
-        optimizer.zero_grad(set_to_none=True)
-        terms["total"].backward()
-        optimizer.step()
+    batch = train_batch(settings, backbone)
+    step = training_step(build(method, backbone, 256, device), batch, batch, 256, device)
 
     key = train_key(method, backbone, batch, batch, device)
     if method == "memkd" and backbone == "wide_resnet50_2" and ops == "kernels":

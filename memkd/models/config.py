@@ -73,7 +73,7 @@ class MemKDConfig:
         self._normalise("image_size", _image_size(self.image_size))
         self._check_weights()
         self._normalise_memory()
-        _check_int("exemplars", self.exemplars, minimum=1)
+        check_int("exemplars", self.exemplars, minimum=1)
         for name in ("nm_weight", "orth_weight"):
             value = getattr(self, name)
             number = isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -125,7 +125,7 @@ class MemKDConfig:
                 f"memory_items: expected one count per memory stage ({len(stages)}), got {self.memory_items!r}"
             )
         for count in items:
-            _check_int("memory_items", count, minimum=1)
+            check_int("memory_items", count, minimum=1)
         order = sorted(range(len(stages)), key=stages.__getitem__)
         self._normalise("memory_stages", tuple(stages[i] for i in order))
         self._normalise("memory_items", tuple(items[i] for i in order))
@@ -145,10 +145,7 @@ class MemKDConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "MemKDConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"config: unknown field(s) {unknown}; known fields are {sorted(known)}")
+        check_known_fields(cls, data, "config")
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
 
 
@@ -156,9 +153,17 @@ def _jsonable(value: Any) -> Any:
     return [_jsonable(v) for v in value] if isinstance(value, (tuple, list)) else value
 
 
-def _check_int(name: str, value: Any, minimum: int) -> None:
+def check_int(name: str, value: Any, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name}: expected an int >= {minimum}, got {value!r}")
+
+
+def check_known_fields(cls: type, data: Mapping[str, Any], what: str) -> None:
+    """A clear error for keys of ``data`` that are not fields of the dataclass ``cls``."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{what}: unknown field(s) {unknown}; known fields are {sorted(known)}")
 
 
 def _image_size(size: Any) -> tuple[int, int]:

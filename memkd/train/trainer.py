@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from memkd.data import default_workers
 from memkd.models import MemKD, MemKDConfig, build_model
+from memkd.models.config import check_int, check_known_fields
 from memkd.train.checkpoint import (
     CONFIG_FILE,
     capture_rng_state,
@@ -79,10 +80,10 @@ class TrainConfig:
 
     def __post_init__(self):
         for name in ("epochs", "batch_size", "save_every", "log_every"):
-            _check_int(name, getattr(self, name), minimum=1)
-        _check_int("seed", self.seed, minimum=0)
+            check_int(name, getattr(self, name), minimum=1)
+        check_int("seed", self.seed, minimum=0)
         if self.workers is not None:
-            _check_int("workers", self.workers, minimum=0)
+            check_int("workers", self.workers, minimum=0)
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr: expected a finite number > 0, got {self.lr!r}")
         betas = tuple(self.betas)
@@ -96,16 +97,8 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"train config: unknown field(s) {unknown}; known fields are {sorted(known)}")
+        check_known_fields(cls, data, "train config")
         return cls(**data)
-
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name}: expected an int >= {minimum}, got {value!r}")
 
 
 def image_of(item: Any) -> torch.Tensor:

@@ -38,6 +38,9 @@ class CMakeBuild(build_ext):
         if mode not in ("AUTO", "ON", "OFF"):
             raise ValueError(f"MEMKD_CUDA must be AUTO, ON or OFF, got {mode!r}")
         args = [
+            # Every isolated pip build has a new, later deleted build environment: a configuration
+            # cached by an earlier `pip install .` points at its cmake and ninja, so start afresh.
+            "--fresh",
             f"-S{ROOT}",
             f"-B{build_dir}",
             "-GNinja",

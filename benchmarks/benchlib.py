@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 import memkd.ops
 from memkd.ops import reference
+from memkd.train import ExemplarFeatureCache
 
 EPS = reference.EPS
 MALLOC_ENV = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
@@ -295,17 +296,22 @@ def train_batch(settings, backbone: str) -> int:
     return 2 if backbone == "wide_resnet50_2" else 4
 
 
-def training_step(model, batch: int, exemplars: int, size: int = 256, device: str = "cpu"):
+def training_step(model, batch: int, exemplars: int, size: int = 256, device: str = "cpu", cached_exemplars: bool = False):
     """One optimisation step as memkd.train.Trainer runs it (the loss with a set of ``exemplars``
     images when the method learns from one, backward, Adam), as a callable on ready tensors;
-    ``model`` is put in train mode."""
+    ``model`` is put in train mode. ``cached_exemplars``: the exemplar set's teacher features are
+    already in the trainer's cache (every image's second and later draws), so the step skips the
+    exemplars' teacher pass."""
     model.train()
     x = images(batch, size, device)
     exemplar_set = images(exemplars, size, device, seed=1) if model.config.method_spec.nel else None
+    features = None
+    if cached_exemplars and exemplar_set is not None:
+        features, exemplar_set = ExemplarFeatureCache(model).features(list(range(exemplars)), exemplar_set), None
     optimizer = torch.optim.Adam(model.trainable_parameters(), lr=0.005, betas=(0.5, 0.999))
 
     def step():
-        terms = model.loss(x, exemplar_set)
+        terms = model.loss(x, exemplar_set, features)
         optimizer.zero_grad(set_to_none=True)
         terms["total"].backward()
         optimizer.step()

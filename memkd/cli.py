@@ -184,6 +184,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--amp", action="store_true", help="bf16 autocast")
     train.add_argument("--channels-last", action="store_true", help="NHWC convolutions (GPUs)")
     train.add_argument("--compile", action="store_true", help="torch.compile the training step")
+    train.add_argument(
+        "--no-exemplar-cache",
+        dest="cache_exemplar_features",
+        action="store_false",
+        help="re-encode every exemplar set with the teacher instead of keeping each image's features (3.7 MB per image with WideResNet50)",
+    )
     train.add_argument("--resume", action="store_true", help="continue the checkpoint(s) in --out (e.g. with more --epochs)")
     train.add_argument("--out", type=Path, required=True, help="run directory (checkpoint and results)")
     _add_eval_options(train)
@@ -276,6 +282,7 @@ def _train_config(args: argparse.Namespace, device: str):
         amp=args.amp,
         channels_last=args.channels_last,
         compile=args.compile,
+        cache_exemplar_features=args.cache_exemplar_features,
         progress=args.progress,
     )
 

@@ -134,7 +134,7 @@ def test_gradients_reach_the_student_and_never_the_teacher(method):
 def test_nel_trains_values_only_through_the_exemplars():
     torch.manual_seed(0)
     model = build_model(tiny_config())
-    model.normality_memorization_loss(torch.randn(3, 3, 32, 32)).backward()
+    model.normality_memorization_loss(model.exemplar_features(torch.randn(3, 3, 32, 32))).backward()
     for memory in model.memories.values():
         assert memory.values.grad.abs().sum() > 0
         assert memory.keys.grad is None
@@ -159,7 +159,33 @@ def test_memmkd_nel_uses_teacher_layers_one_to_three():
     exemplars = torch.randn(3, 3, 32, 32)
     features = model.teacher(exemplars)
     expected = sum(normality_memorization_loss(features[p], model.memories[str(p)].values) for p in (0, 2))
-    torch.testing.assert_close(model.normality_memorization_loss(exemplars), expected)
+    torch.testing.assert_close(model.normality_memorization_loss(model.exemplar_features(exemplars)), expected)
+
+
+def test_loss_from_exemplar_features_equals_loss_from_exemplars():
+    torch.manual_seed(0)
+    model = build_model(tiny_config())
+    images, exemplars = torch.randn(2, 3, 32, 32), torch.randn(3, 3, 32, 32)
+    from_images = model.loss(images, exemplars)
+    from_features = model.loss(images, exemplar_features=model.exemplar_features(exemplars))
+    assert set(from_images) == set(from_features) == {"kd", "nm", "orth", "total"}
+    for term in from_images:
+        torch.testing.assert_close(from_features[term], from_images[term], rtol=0, atol=0)
+
+
+def test_loss_refuses_ambiguous_or_incomplete_exemplar_features():
+    torch.manual_seed(0)
+    model = build_model(tiny_config())
+    images, exemplars = torch.randn(2, 3, 32, 32), torch.randn(3, 3, 32, 32)
+    features = model.exemplar_features(exemplars)
+    with pytest.raises(ValueError, match="^exemplars, exemplar_features: pass one"):
+        model.loss(images, exemplars, features)
+    with pytest.raises(ValueError, match="^exemplar_features: expected features for memories .* missing \\['0'\\]"):
+        model.loss(images, exemplar_features={k: v for k, v in features.items() if k != "0"})
+    with pytest.raises(ValueError, match=r"^exemplar_features\['1'\]: expected \[N, \d+, h, w\]"):
+        model.loss(images, exemplar_features={**features, "1": features["0"]})
+    with pytest.raises(ValueError, match="^exemplars: expected a \\[B, 3, H, W\\]"):
+        model.exemplar_features(torch.randn(3, 32, 32))
 
 
 # ---- loss terms against hand-computed values ---------------------------------------------------

@@ -15,7 +15,9 @@ from memkd.models import MemKDConfig, build_model
 from memkd.train import (
     CheckpointError,
     ExemplarBatches,
+    ExemplarFeatureCache,
     TrainConfig,
+    Trainer,
     load_checkpoint,
     save_checkpoint,
     train,
@@ -155,6 +157,44 @@ def test_exemplar_sets_are_seeded_per_step_and_split_over_ranks():
     assert ranks[0].indices(3) + ranks[1].indices(3) == first[3]  # the ranks share one set of N
     assert ExemplarBatches(40, 6, seed=6).indices(0) != first[0]
     assert len(ExemplarBatches(dataset_size=2, exemplars=6, seed=0).indices(0)) == 6  # tiny data: with replacement
+
+
+def test_exemplar_cache_encodes_each_image_once_and_trains_as_without_it(tmp_path):
+    data = striped_images(8)
+    runs = {}
+    for cache in (True, False):
+        trainer = Trainer(data, tmp_path / str(cache), model_config(), train_config(cache_exemplar_features=cache))
+        encoded = []  # the exemplar path alone reaches layer4
+        trainer.model.teacher.layer4.register_forward_hook(lambda _, inputs, __: encoded.append(inputs[0].shape[0]))
+        runs[cache] = (trainer, trainer.fit(), encoded)
+    steps = runs[True][0].step
+    drawn = [ExemplarBatches(len(data), 3, seed=3).indices(step) for step in range(steps)]
+    assert steps == 6 and sum(encoded for encoded in runs[False][2]) == 3 * steps
+    distinct = len({i for s in drawn for i in s})
+    assert distinct < 3 * steps and len(runs[True][0].exemplar_cache) == distinct
+    assert runs[True][2] == [1] * distinct  # each drawn image once, one at a time
+    assert runs[False][0].exemplar_cache is None
+    expected, got = read_log(tmp_path / "False"), read_log(tmp_path / "True")
+    for a, b in zip(expected, got, strict=True):
+        for term in ("kd", "nm", "orth", "total"):
+            assert b[term] == pytest.approx(a[term], rel=1e-5, abs=1e-6), (a["step"], term)
+
+
+def test_exemplar_cache_returns_what_the_teacher_computes():
+    torch.manual_seed(0)
+    model = build_model(model_config())
+    cache = ExemplarFeatureCache(model)
+    images = torch.stack(striped_images(4))
+    first = cache.features([7, 2, 7, 5], images[[0, 1, 0, 2]])
+    again = cache.features([5, 7], images[[3, 3]])  # cached indices keep their first images' features
+    # the teacher's output for each image alone, bit for bit (batched, rounding may differ by ~1e-6)
+    alone = [model.exemplar_features(images[i : i + 1]) for i in (0, 1, 0, 2)]
+    assert set(first) == set(model.memories) and len(cache) == 3
+    for key in first:
+        assert torch.equal(first[key], torch.cat([features[key] for features in alone]))
+        assert torch.equal(again[key], first[key][[3, 0]])
+    with pytest.raises(ValueError, match="^indices: expected one per exemplar image"):
+        cache.features([1], images[:2])
 
 
 # ---- checkpoints -------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """The model: frozen teacher, student with memories, the training loss and inference."""
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -62,22 +62,32 @@ class MemKD(nn.Module):
         teacher_features = self.teacher(images)
         return self.student(images, teacher_features), teacher_features
 
-    def loss(self, images: torch.Tensor, exemplars: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+    def loss(
+        self,
+        images: torch.Tensor,
+        exemplars: Optional[torch.Tensor] = None,
+        exemplar_features: Optional[Mapping[str, torch.Tensor]] = None,
+    ) -> dict[str, torch.Tensor]:
         """The loss terms of one training step (Eq. 11): "kd", plus "nm" with NEL and "orth" with
         the orthogonal loss, and "total" = kd + nm_weight * nm + orth_weight * orth.
 
-        ``exemplars`` [N, 3, H, W]: the step's exemplar set of normal training images, required by
-        methods with NEL. L_NM and L_Orth are summed over the memory modules.
+        Methods with NEL need the step's exemplar set: either ``exemplars`` [N, 3, H, W], normal
+        training images, or ``exemplar_features``, what ``exemplar_features(exemplars)`` returned
+        for them (the teacher is frozen, so callers may cache it). L_NM and L_Orth are summed over
+        the memory modules.
         """
         method, config = self.config.method_spec, self.config
         student_features, teacher_features = self(images)
         terms = {"kd": kd_loss(student_features, teacher_features, config.kd_mode)}
         total = terms["kd"]
         if method.nel:
-            if exemplars is None:
-                raise ValueError(f"exemplars: method {config.method!r} learns from an exemplar set; got None")
-            check_images(exemplars, "exemplars")
-            terms["nm"] = self.normality_memorization_loss(exemplars)
+            if exemplars is not None and exemplar_features is not None:
+                raise ValueError("exemplars, exemplar_features: pass one of them, not both")
+            if exemplar_features is None:
+                if exemplars is None:
+                    raise ValueError(f"exemplars: method {config.method!r} learns from an exemplar set; got None")
+                exemplar_features = self.exemplar_features(exemplars)
+            terms["nm"] = self.normality_memorization_loss(exemplar_features)
             total = total + config.nm_weight * terms["nm"]
         if method.orth:
             terms["orth"] = sum(orthogonal_loss(m.keys, m.values) for m in self.memories.values())
@@ -85,14 +95,30 @@ class MemKD(nn.Module):
         terms["total"] = total
         return terms
 
-    def normality_memorization_loss(self, exemplars: torch.Tensor) -> torch.Tensor:
-        """L_NM summed over memories, each against the teacher layer matching its query's shape."""
+    def exemplar_features(self, exemplars: torch.Tensor) -> dict[str, torch.Tensor]:
+        """NEL's normality embedding of an exemplar set [N, 3, H, W]: for each memory (by key), the
+        teacher layer output whose shape matches the memory's queries, [N, C, h, w]. It depends on
+        each image alone, never on training, since the teacher is frozen."""
+        check_images(exemplars, "exemplars")
         layer_of = {key: self.student.teacher_layer(int(key)) for key in self.memories}
         features = self.teacher(exemplars, depth=max(layer_of.values()))
-        return sum(
-            normality_memorization_loss(features[layer_of[key] - 1], memory.values, self.config.nm_reduction)
-            for key, memory in self.memories.items()
-        )
+        return {key: features[layer - 1] for key, layer in layer_of.items()}
+
+    def normality_memorization_loss(self, exemplar_features: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """L_NM summed over the memories, from ``exemplar_features(exemplars)``."""
+        missing = sorted(set(self.memories) - set(exemplar_features))
+        if missing:
+            raise ValueError(f"exemplar_features: expected features for memories {sorted(self.memories)}, missing {missing}")
+        total = None
+        for key, memory in self.memories.items():
+            features = exemplar_features[key]
+            channels = memory.values.shape[1]
+            if not isinstance(features, torch.Tensor) or features.dim() != 4 or features.shape[1] != channels:
+                shape = tuple(features.shape) if isinstance(features, torch.Tensor) else type(features).__name__
+                raise ValueError(f"exemplar_features[{key!r}]: expected [N, {channels}, h, w], got {shape}")
+            term = normality_memorization_loss(features, memory.values, self.config.nm_reduction)
+            total = term if total is None else total + term
+        return total
 
     def predict(self, images: torch.Tensor, sigma: float = 4.0) -> tuple[torch.Tensor, torch.Tensor]:
         """Anomaly maps [B, H, W] at the input size and image scores [B] (Eq. 3-4), in eval mode

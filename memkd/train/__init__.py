@@ -8,13 +8,22 @@ from memkd.train.checkpoint import (
     update_checkpoint_extra,
 )
 from memkd.train.distributed import DistributedContext, init_distributed
-from memkd.train.trainer import ExemplarBatches, TrainConfig, Trainer, collate_images, image_of, train
+from memkd.train.trainer import (
+    ExemplarBatches,
+    ExemplarFeatureCache,
+    TrainConfig,
+    Trainer,
+    collate_images,
+    image_of,
+    train,
+)
 
 __all__ = [
     "Checkpoint",
     "CheckpointError",
     "DistributedContext",
     "ExemplarBatches",
+    "ExemplarFeatureCache",
     "TrainConfig",
     "Trainer",
     "collate_images",

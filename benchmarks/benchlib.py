@@ -265,14 +265,6 @@ def reference_ops() -> Iterator[list[str]]:
 # ---- models -------------------------------------------------------------------------------------
 
 
-def models_available() -> tuple[bool, str]:
-    try:
-        from memkd.models import MemKDConfig, build_model  # noqa: F401
-    except ImportError as exc:
-        return False, f"memkd.models not importable yet: {exc}"
-    return True, ""
-
-
 def build(method: str, backbone: str, size: int = 256, device: str = "cpu", **config):
     """A randomly initialised model (weights do not change speed) in eval mode on ``device``."""
     from memkd.models import MemKDConfig, build_model

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import report
-from benchlib import STATE as _STATE, Settings, malloc_setting, models_available, synchronized
+from benchlib import STATE as _STATE, Settings, malloc_setting, synchronized
 
 AREA_FILES = ("test_ops.py", "test_inference.py", "test_training.py", "test_memory.py", "test_scaling.py", "test_peers.py",
               "test_metrics.py")
@@ -67,16 +67,7 @@ def results(request) -> report.Results:
 
 
 @pytest.fixture(scope="session")
-def need_models(results):
-    """Skip end-to-end cases while memkd.models is missing."""
-    ok, why = models_available()
-    if not ok:
-        results.note(f"End-to-end cases skipped: {why}")
-        pytest.skip(why)
-
-
-@pytest.fixture(scope="session")
-def model_cache(need_models, settings):
+def model_cache(settings):
     """Models built once per session, keyed by (method, backbone, image size), in eval mode on
     the run's device. Building a WideResNet50 model takes seconds; inference does not change it."""
     from benchlib import build

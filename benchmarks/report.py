@@ -378,7 +378,7 @@ def markdown(p: dict, png_name: Optional[str]) -> str:
     failed = p.get("pytest", {}).get("tests_failed")
     if failed:
         out.append(f"> **{failed} benchmark test(s) failed in this run**; their cases are missing below.\n")
-    out.append(f"Times are per call, median of the rounds (IQR, min, max beside it). Speedup = baseline time / subject time.\n")
+    out.append("Times are per call, median of the rounds (IQR, min, max beside it). Speedup = baseline time / subject time.\n")
 
     out.append("## Targets\n")
     rows = []
@@ -433,7 +433,7 @@ def markdown(p: dict, png_name: Optional[str]) -> str:
 
     if p["scaling"]:
         out.append("## Scaling\n")
-        out.append(f"Straight-line fit of median time against x; 'linear' means R^2 >= 0.98.\n")
+        out.append("Straight-line fit of median time against x; 'linear' means R^2 >= 0.98.\n")
         rows = []
         for s in p["scaling"]:
             pts = ", ".join(f"{x:g}: {_ms(y)}" for x, y in zip(s["x"], s["median_s"]))

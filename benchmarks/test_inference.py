@@ -74,7 +74,7 @@ def test_predict(method, backbone, batch, ops, model_cache, measure, results, se
                 device=settings.device, items=batch, method=method, backbone=backbone, batch=batch)
 
 
-def test_reference_swap_reaches_every_op(need_models, settings):
+def test_reference_swap_reaches_every_op(settings):
     """``reference_ops`` must leave no memkd:: kernel in the model's inference and training paths
     (else the ops=reference cases would still time the kernels)."""
     from benchlib import build

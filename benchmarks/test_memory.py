@@ -30,7 +30,7 @@ def pytest_generate_tests(metafunc):
     metafunc.parametrize("what,method,backbone,batch", cases, ids=["-".join(map(str, c)) for c in cases])
 
 
-def test_peak_memory(what, method, backbone, batch, need_models, results, settings):
+def test_peak_memory(what, method, backbone, batch, results, settings):
     spec = {"what": what, "method": method, "backbone": backbone, "batch": batch, "exemplars": batch,
             "size": 256, "device": settings.device, "threads": settings.threads}
     proc = subprocess.run([sys.executable, str(PROBE), json.dumps(spec)], capture_output=True, text=True,
@@ -40,7 +40,7 @@ def test_peak_memory(what, method, backbone, batch, need_models, results, settin
     results.memory.append(record)
 
 
-def test_sizes(need_models, results, settings):
+def test_sizes(results, settings):
     """Memory bank and checkpoint sizes of memkd and rd with each teacher (MB = 1e6 bytes)."""
     from benchlib import build, memory_bank_bytes
     from memkd.models import size_report

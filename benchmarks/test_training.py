@@ -36,7 +36,7 @@ def pytest_generate_tests(metafunc):
     metafunc.parametrize("method,backbone,ops", cases, ids=["-".join(c) for c in cases])
 
 
-def test_training_step(method, backbone, ops, need_models, measure, results, settings):
+def test_training_step(method, backbone, ops, measure, results, settings):
     device = settings.device
     batch = train_batch(settings, backbone)
     step = training_step(build(method, backbone, 256, device), batch, batch, 256, device, ops == "kernels-cached")

@@ -23,13 +23,12 @@ detect far less. Everything is seeded: the same command writes the same numbers 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import platform
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -496,7 +495,7 @@ def _report_markdown(summary: dict[str, Any], results, settings: DemoSettings, o
         f"Adam lr 0.005, betas (0.5, 0.999), batch {settings.batch_size}, {settings.epochs} epochs (the paper: "
         "WideResNet-50, 256x256, 100 epochs).",
         f"- Seed {summary['seed']}; device {summary['device']}; torch {torch.__version__}; python {platform.python_version()}.",
-        f"- Runs (checkpoints with stored thresholds, metrics.json, metrics.md, figures): `runs/<method>/<texture>/`; "
+        "- Runs (checkpoints with stored thresholds, metrics.json, metrics.md, figures): `runs/<method>/<texture>/`; "
         "per-method tables: `runs/<method>/results.md`. Try `memkd predict runs/memkd/brick data/brick/test --out predictions`.",
         "",
         "| method | texture | train s | test s |",

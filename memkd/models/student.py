@@ -12,7 +12,7 @@ from typing import Callable, Mapping
 import torch
 import torchvision
 from torch import nn
-from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1, conv3x3
+from torchvision.models.resnet import Bottleneck, conv1x1, conv3x3
 
 from memkd.models.backbones import BackboneSpec, Block
 from memkd.models.memory import ConcatMemory

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from benchlib import case_id, detect, e2e_key, images, reference_ops, settings_of
+from memkd.models import CompiledPredictor
 from report import Target
 
 METHODS = ("memkd", "rd")
@@ -48,7 +49,7 @@ def pytest_generate_tests(metafunc):
                         cases.append((method, backbone, batch, ops))
         metafunc.parametrize("method,backbone,batch,ops", cases, ids=["-".join(map(str, c)) for c in cases])
     elif name == "test_optimisation":
-        variants = ["default", "channels_last", "no_grad", "plain", "teacher_layer4"]
+        variants = ["default", "channels_last", "no_grad", "plain", "teacher_layer4", "compiled_predictor"]
         if settings.full:  # compiling takes minutes (CPU) or a minute or more (GPU)
             variants.append("compile_student")
         if settings.device == "cuda":
@@ -112,7 +113,8 @@ def test_optimisation(variant, model_cache, measure, results, settings):
     default: predict (eval, inference_mode, teacher layer1..3 only). channels_last: NHWC model and
     input. no_grad / plain: predict's path under torch.no_grad / with autograd recording.
     teacher_layer4: the teacher also computes its unused layer4 (predict already skips it; the
-    ratio shows what skipping saves). compile_student: torch.compile of the student.
+    ratio shows what skipping saves). compiled_predictor: ``CompiledPredictor`` (teacher and
+    student compiled with frozen weights). compile_student: plain torch.compile of the student.
     bf16_autocast (GPU): predict under bf16 autocast. cuda_graphs (GPU): the whole path captured
     once and replayed.
     """
@@ -131,13 +133,17 @@ def test_optimisation(variant, model_cache, measure, results, settings):
         run = lambda: detect(model, x, grad_mode=variant)  # noqa: E731
     elif variant == "teacher_layer4":
         run = lambda: detect(model, x, teacher_depth=4)  # noqa: E731
-    elif variant == "compile_student":
-        variant_model = copy.deepcopy(model)
-        variant_model.student = torch.compile(variant_model.student)
+    elif variant in ("compile_student", "compiled_predictor"):
+        if variant == "compiled_predictor":
+            predict = CompiledPredictor(model)
+        else:
+            variant_model = copy.deepcopy(model)
+            variant_model.student = torch.compile(variant_model.student)
+            predict = variant_model.predict
         start = time.perf_counter()
-        variant_model.predict(x)
+        predict(x)
         info["compile_s"] = time.perf_counter() - start
-        run = lambda: variant_model.predict(x)  # noqa: E731
+        run = lambda: predict(x)  # noqa: E731
     elif variant == "bf16_autocast":
         def run():
             with torch.autocast("cuda", dtype=torch.bfloat16):

@@ -1,16 +1,23 @@
 """Peers, when installed: anomalib's Reverse Distillation inference on the same input and device,
-side by side with memkd's ``rd`` and ``memkd`` (WideResNet50, random weights, batch 1, 256x256).
-Without anomalib the cases are skipped with how to install it: ``pip install anomalib``.
+side by side with memkd's ``rd`` and ``memkd`` (WideResNet50, random weights, batch 1, 256x256),
+and memkd through ``CompiledPredictor`` (``memkd test/predict --compile``; the one-off compile is
+not timed, its duration is recorded). Without anomalib the cases are skipped with how to install
+it: ``pip install anomalib``.
+
+Target: memkd per image faster than anomalib's RD (eager ``predict`` and compiled, each a target).
 """
 from __future__ import annotations
 
 import importlib.util
 import inspect
+import time
 
 import pytest
 import torch
 
-from benchlib import images
+from benchlib import case_id, images
+from memkd.models import CompiledPredictor
+from report import Target
 
 INSTALL = "pip install anomalib"
 
@@ -44,16 +51,29 @@ def anomalib_rd(results, settings):
         pytest.skip(f"anomalib ReverseDistillationModel unavailable: {exc}")
 
 
-@pytest.mark.parametrize("impl", ["memkd", "memkd-rd", "anomalib-rd"])
-def test_reverse_distillation_peers(impl, anomalib_rd, model_cache, measure, settings):
+@pytest.mark.parametrize("impl", ["memkd", "memkd-compiled", "memkd-rd", "anomalib-rd"])
+def test_reverse_distillation_peers(impl, anomalib_rd, model_cache, measure, results, settings):
     device = settings.device
+    key = f"peers/reverse-distillation/wide_resnet50_2/B1/256x256/{device}"
     x = images(1, 256, device)
+    info = {}
     if impl == "anomalib-rd":
         def run():
             with torch.inference_mode():
                 return anomalib_rd(x)
+    elif impl == "memkd-compiled":
+        predictor = CompiledPredictor(model_cache("memkd", "wide_resnet50_2"))
+        start = time.perf_counter()
+        predictor(x)
+        info["compile_s"] = time.perf_counter() - start
+        run = lambda: predictor(x)  # noqa: E731
     else:
         model = model_cache("memkd" if impl == "memkd" else "rd", "wide_resnet50_2")
         run = lambda: model.predict(x)  # noqa: E731
-    measure(run, key=f"peers/reverse-distillation/wide_resnet50_2/B1/256x256/{device}", impl=impl, kind="e2e",
-            role="baseline" if impl == "anomalib-rd" else "subject", device=device, items=1)
+    if impl in ("memkd", "memkd-compiled"):
+        how = "compiled (CompiledPredictor)" if impl == "memkd-compiled" else "eager predict"
+        results.add_target(Target(
+            f"memkd per-image inference, {how} (WideResNet50, 256x256, {device}) vs anomalib's RD",
+            case_id(key, impl), case_id(key, "anomalib-rd"), "speedup", 1.0))
+    measure(run, key=key, impl=impl, kind="e2e", role="baseline" if impl == "anomalib-rd" else "subject",
+            device=device, items=1, **info)

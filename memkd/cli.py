@@ -135,6 +135,12 @@ def _add_command(commands, name: str, handler, summary: str, description: str) -
     return command
 
 
+COMPILE_HELP = (
+    "torch.compile the teacher and student with frozen weights for inference (a one-off compile of about a minute; "
+    "faster per image, see benchmarks/README.md)"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from memkd.data import DATASET_NAMES
     from memkd.models import BACKBONES, METHODS
@@ -183,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--save-every", type=_positive_int, default=10, help="checkpoint every this many epochs")
     train.add_argument("--amp", action="store_true", help="bf16 autocast")
     train.add_argument("--channels-last", action="store_true", help="NHWC convolutions (GPUs)")
-    train.add_argument("--compile", action="store_true", help="torch.compile the training step")
+    train.add_argument("--compile", action="store_true", help="torch.compile the training step and the test-set inference")
     train.add_argument(
         "--no-exemplar-cache",
         dest="cache_exemplar_features",
@@ -213,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     test.add_argument("--category", default=None, help="category (default: stored)")
     test.add_argument("--batch-size", type=_positive_int, default=16, help="images per batch")
     test.add_argument("--out", type=Path, default=None, help="where to write the results (default: the run directory)")
+    test.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     _add_eval_options(test)
     _add_common(test)
 
@@ -232,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--out", type=Path, required=True, help="output folder")
     predict.add_argument("--threshold", type=_finite_float, default=None, help="decision threshold (default: the checkpoint's)")
     predict.add_argument("--batch-size", type=_positive_int, default=16, help="images per batch")
+    predict.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     _add_common(predict)
 
     # info
@@ -417,6 +425,7 @@ def cmd_test(args: argparse.Namespace) -> int:
             workers=args.workers,
             progress=args.progress,
             info={"checkpoint": str(directory.resolve()), "data_root": str(Path(data_root).resolve())},
+            compile=args.compile,
         )
         results[category or name or Path(data_root).name] = evaluation.report
         _report_one(evaluation.report, out_dir)
@@ -464,6 +473,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         workers=args.workers,
         progress=args.progress,
+        compile=args.compile,
     )
     anomalous = sum(r["decision"] == "anomalous" for r in rows)
     errors = [r for r in rows if r["decision"] == "error"]

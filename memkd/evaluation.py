@@ -49,7 +49,7 @@ from memkd.metrics import (
     resize_maps,
     resize_maps_to_masks,
 )
-from memkd.models import MemKD, MemKDConfig
+from memkd.models import CompiledPredictor, MemKD, MemKDConfig
 
 PathLike = Union[str, Path]
 EvalSize = Union[str, int]
@@ -129,13 +129,16 @@ def predict_dataset(
     workers: Optional[int] = 0,
     progress: bool = True,
     desc: str = "predict",
+    compile: bool = False,
 ) -> Predictions:
-    """Maps and scores of every item of a memkd.data dataset, one batch at a time."""
+    """Maps and scores of every item of a memkd.data dataset, one batch at a time; ``compile``:
+    through a ``CompiledPredictor`` (its one-off compile time is included in ``seconds``)."""
+    predict = CompiledPredictor(model) if compile else model.predict
     loader = make_loader(dataset, batch_size=batch_size, shuffle=False, workers=workers)
     scores, labels, maps, masks, paths, defects, native = [], [], [], [], [], [], []
     started = time.perf_counter()
     for batch in _progress(loader, len(loader), desc, progress):
-        batch_maps, batch_scores = model.predict(batch["image"])
+        batch_maps, batch_scores = predict(batch["image"])
         maps.append(batch_maps.float().cpu().numpy())
         scores.append(batch_scores.float().cpu().numpy())
         labels.append(np.asarray(batch["label"]))
@@ -320,9 +323,11 @@ def evaluate_model(
     progress: bool = True,
     seed: int = 0,
     info: Optional[dict[str, Any]] = None,
+    compile: bool = False,
 ) -> Evaluation:
     """Predict ``test_set`` (from ``build_test_dataset``), compute the metrics and the threshold,
-    and write metrics.json, metrics.md and ``figures`` heatmap figures under ``out_dir``."""
+    and write metrics.json, metrics.md and ``figures`` heatmap figures under ``out_dir``.
+    ``compile``: predict through a ``CompiledPredictor``."""
     config = model.config
     eval_size = parse_eval_size(eval_size)
     if threshold_mode not in THRESHOLD_MODES:
@@ -332,7 +337,7 @@ def evaluate_model(
         raise ValueError(f"test set: images are {test_set.image_size}, the model takes {model_size(config)}")
     out_dir = Path(out_dir)
     label = f"{dataset}/{category}" if dataset or category else "test"
-    predictions = predict_dataset(model, test_set, batch_size, workers, progress, desc=f"test {label}")
+    predictions = predict_dataset(model, test_set, batch_size, workers, progress, desc=f"test {label}", compile=compile)
     has_masks = getattr(test_set, "has_masks", True)
     maps, masks = evaluation_maps(predictions, config, eval_size) if has_masks else (None, None)
     with warnings.catch_warnings(record=True) as caught:
@@ -502,6 +507,7 @@ def train_category(
         progress=progress,
         seed=train_config.seed,
         info={"train_seconds": train_seconds, "train_images": len(train_set), "epochs": train_config.epochs},
+        compile=train_config.compile,
     )
     store_threshold(run_dir, evaluation.report)
     return evaluation
@@ -574,10 +580,13 @@ def predict_images(
     workers: Optional[int] = 0,
     progress: bool = True,
     csv_name: str = "predictions.csv",
+    compile: bool = False,
 ) -> tuple[Path, list[dict[str, Any]]]:
     """Score every image under ``inputs`` in batches, write ``<name>_heatmap.png`` overlays (at the
     image's own resolution, colours over ``heatmap_range`` or else each map's own range) and a CSV
-    (path, score, decision, threshold, heatmap). Unreadable files get decision "error"."""
+    (path, score, decision, threshold, heatmap). Unreadable files get decision "error". ``compile``:
+    predict through a ``CompiledPredictor``."""
+    predict = CompiledPredictor(model) if compile else model.predict
     files = collect_images(inputs)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -586,7 +595,7 @@ def predict_images(
     rows: list[dict[str, Any]] = []
     bar = tqdm(total=len(files), desc="predict", unit="image", disable=not progress)
     for batch in loader:
-        maps, scores = model.predict(batch["image"])
+        maps, scores = predict(batch["image"])
         maps, scores = maps.float().cpu().numpy(), scores.float().cpu().numpy()
         for amap, score, original, error in zip(maps, scores, batch["original"], batch["error"]):
             path, name = files[len(rows)]

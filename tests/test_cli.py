@@ -223,17 +223,20 @@ def test_predict_threshold_option_overrides(run_dir, data_root, tmp_path):
         assert {r["decision"] for r in read_rows(out / "predictions.csv")} == {decision}
 
 
-def test_predict_scores_match_test_scores(run_dir, data_root, tmp_path):
-    """Batched prediction on files gives the scores of the evaluation on the dataset."""
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_predict_scores_match_test_scores(run_dir, data_root, tmp_path, compiled):
+    """Batched prediction on files gives the scores of the evaluation on the dataset; with --compile
+    too (batches of 3: the last one is padded), up to the rounding of BatchNorm folded into the convolutions."""
     out = tmp_path / "pred"
-    assert main(["predict", str(run_dir), str(data_root / "bottle" / "test"), "--out", str(out), "--workers", "0", "--no-progress"]) == 0
+    options = ["--compile", "--batch-size", "3"] if compiled else []
+    assert main(["predict", str(run_dir), str(data_root / "bottle" / "test"), "--out", str(out), "--workers", "0", "--no-progress", *options]) == 0
     scores = {Path(r["path"]).resolve(): float(r["score"]) for r in read_rows(out / "predictions.csv")}
     checkpoint = load_checkpoint(run_dir)
     from memkd.evaluation import build_test_dataset, predict_dataset
 
     predictions = predict_dataset(checkpoint.model, build_test_dataset("mvtec", data_root, "bottle", checkpoint.config), progress=False)
     for path, score in zip(predictions.paths, predictions.scores):
-        assert scores[Path(path).resolve()] == pytest.approx(float(score), rel=1e-5, abs=1e-6)
+        assert scores[Path(path).resolve()] == pytest.approx(float(score), rel=1e-4 if compiled else 1e-5, abs=1e-6)
 
 
 # ---- info ---------------------------------------------------------------------------------------

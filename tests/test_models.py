@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 from memkd.models import (
     BACKBONES,
     METHODS,
+    CompiledPredictor,
     MemAEMemory,
     MemKDConfig,
     NRMemory,
@@ -390,3 +391,31 @@ def test_bad_memory_sizes_and_unknown_fields():
         MemKDConfig.from_dict({"method": "memkd", "colour": "red"})
     with pytest.raises(ValueError, match="^exemplars:"):
         build_model(tiny_config()).loss(torch.randn(2, 3, 32, 32))  # NEL without an exemplar set
+
+
+# ---- compiled inference ------------------------------------------------------------------------
+
+
+def test_compiled_predictor_matches_predict_pads_chunks_and_snapshots():
+    torch.manual_seed(0)
+    model = build_model(tiny_config())
+    predictor = CompiledPredictor(model)
+    images = torch.randn(5, 3, 32, 32)
+    torch._dynamo.utils.counters.clear()
+    first = predictor(images[:3])  # compiles for batch 3
+    later = predictor(images)  # batch 5: a chunk of 3 and a padded chunk of 2, no recompilation
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1 and predictor.batch_size == 3
+    expected_maps, expected_scores = model.predict(images)
+    assert later[0].shape == (5, 32, 32) and later[1].shape == (5,)
+    # freezing folds BatchNorm into the convolutions: equal up to fp32 rounding
+    torch.testing.assert_close(later[0], expected_maps, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(later[1], expected_scores, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(first[0], later[0][:3], rtol=0, atol=0)
+    with torch.no_grad():  # the predictor holds a snapshot: later changes to the model are not seen
+        model.memories["0"].values.mul_(-1)
+    torch.testing.assert_close(predictor(images)[0], later[0], rtol=0, atol=0)
+    assert model.training and not predictor.model.training
+    with pytest.raises(ValueError, match=r"^images: expected a \[B, 3, H, W\]"):
+        predictor(torch.randn(3, 32, 32))
+    with pytest.raises(TypeError, match="^model: expected a MemKD"):
+        CompiledPredictor(torch.nn.Linear(2, 2))

@@ -3,13 +3,14 @@ losses, and ``build_model(MemKDConfig(...))``."""
 from memkd.models.backbones import BACKBONES, BackboneSpec, Teacher
 from memkd.models.config import METHODS, MemKDConfig, Method
 from memkd.models.losses import kd_loss, normality_memorization_loss, orthogonal_loss
-from memkd.models.memkd import MemKD, build_model, size_report
+from memkd.models.memkd import CompiledPredictor, MemKD, build_model, size_report
 from memkd.models.memory import MemAEMemory, NRMemory
 from memkd.models.student import ForwardStudent, OneClassBottleneck, ReverseStudent
 
 __all__ = [
     "BACKBONES",
     "BackboneSpec",
+    "CompiledPredictor",
     "ForwardStudent",
     "METHODS",
     "MemAEMemory",

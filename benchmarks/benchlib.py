@@ -330,8 +330,8 @@ SETTLE_CALLS = 3
 
 
 def first_call_seconds(call) -> float:
-    """Seconds of ``call()``'s first run (a compile), then a few untimed calls: right after a compile
-    the first calls measured here were up to 1.4x slower than later ones."""
+    """Seconds of ``call()``'s first run (a compile, if any), then a few untimed calls: right after a
+    compile, or as the first case of a file, the first calls measured here were up to 1.4x slower."""
     start = time.perf_counter()
     call()
     seconds = time.perf_counter() - start

@@ -130,11 +130,14 @@ class MemKD(nn.Module):
         try:
             with torch.inference_mode():
                 student, teacher = self(images.to(self.device))
-                return anomaly_map(
-                    [f.float() for f in student], [f.float() for f in teacher], images.shape[-2:], sigma
-                )
+                return _anomaly_map_fp32(student, teacher, images.shape[-2:], sigma)
         finally:
             self.train(was_training)
+
+
+def _anomaly_map_fp32(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor], size, sigma: float):
+    """Eq. 3-4 on the features in fp32 (they may come from autocast): maps [B, *size], scores [B]."""
+    return anomaly_map([f.float() for f in student], [f.float() for f in teacher], size, sigma)
 
 
 class CompiledPredictor:
@@ -151,14 +154,17 @@ class CompiledPredictor:
     def __init__(self, model: MemKD):
         if not isinstance(model, MemKD):
             raise TypeError(f"model: expected a MemKD, got {type(model).__name__}")
-        from torch._inductor import config as inductor_config
-
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
         self._forward = torch.compile(self.model, dynamic=False)
-        # torch.compile(options={"freezing": True}) is not honoured (torch 2.14): patch the config
-        # around every call, so that a recompilation freezes too
-        self._freezing = lambda: inductor_config.patch(freezing=True)
         self.batch_size: Optional[int] = None
+
+    @staticmethod
+    def _freezing():
+        # torch.compile(options={"freezing": True}) is not honoured (torch 2.14): patch inductor's
+        # config around every call instead, so that a recompilation freezes too
+        from torch._inductor import config as inductor_config
+
+        return inductor_config.patch(freezing=True)
 
     def __call__(self, images: torch.Tensor, sigma: float = 4.0) -> tuple[torch.Tensor, torch.Tensor]:
         """Anomaly maps [B, H, W] and image scores [B], as ``MemKD.predict``."""
@@ -175,8 +181,8 @@ class CompiledPredictor:
                 padding = [chunk.new_zeros(self.batch_size - count, *chunk.shape[1:])] if count < self.batch_size else []
                 chunk = torch.cat([chunk, *padding]).contiguous()
                 student, teacher = self._forward(chunk)
-                chunk_maps, chunk_scores = anomaly_map(
-                    [f[:count].float() for f in student], [f[:count].float() for f in teacher], images.shape[-2:], sigma
+                chunk_maps, chunk_scores = _anomaly_map_fp32(
+                    [f[:count] for f in student], [f[:count] for f in teacher], images.shape[-2:], sigma
                 )
                 maps.append(chunk_maps)
                 scores.append(chunk_scores)

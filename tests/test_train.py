@@ -159,21 +159,37 @@ def test_exemplar_sets_are_seeded_per_step_and_split_over_ranks():
     assert len(ExemplarBatches(dataset_size=2, exemplars=6, seed=0).indices(0)) == 6  # tiny data: with replacement
 
 
-def test_exemplar_cache_encodes_each_image_once_and_trains_as_without_it(tmp_path):
-    data = striped_images(8)
+class CountingDataset(torch.utils.data.Dataset):
+    """A list of items that counts its loads (workers=0: every load happens in this process)."""
+
+    def __init__(self, items):
+        self.items, self.loads = items, 0
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, index):
+        self.loads += 1
+        return self.items[index]
+
+
+def test_exemplar_cache_encodes_and_loads_each_image_once_and_trains_as_without_it(tmp_path):
     runs = {}
     for cache in (True, False):
+        data = CountingDataset(striped_images(8))
         trainer = Trainer(data, tmp_path / str(cache), model_config(), train_config(cache_exemplar_features=cache))
         encoded = []  # the exemplar path alone reaches layer4
         trainer.model.teacher.layer4.register_forward_hook(lambda _, inputs, __: encoded.append(inputs[0].shape[0]))
-        runs[cache] = (trainer, trainer.fit(), encoded)
+        runs[cache] = (trainer, trainer.fit(), encoded, data.loads)
     steps = runs[True][0].step
-    drawn = [ExemplarBatches(len(data), 3, seed=3).indices(step) for step in range(steps)]
+    drawn = [ExemplarBatches(8, 3, seed=3).indices(step) for step in range(steps)]
     assert steps == 6 and sum(encoded for encoded in runs[False][2]) == 3 * steps
     distinct = len({i for s in drawn for i in s})
     assert distinct < 3 * steps and len(runs[True][0].exemplar_cache) == distinct
     assert runs[True][2] == [1] * distinct  # each drawn image once, one at a time
     assert runs[False][0].exemplar_cache is None
+    # 3 epochs of the 8 training images, plus the exemplars: each image once with the cache, every draw without
+    assert runs[True][3] == 3 * 8 + distinct and runs[False][3] == 3 * 8 + 3 * steps
     expected, got = read_log(tmp_path / "False"), read_log(tmp_path / "True")
     for a, b in zip(expected, got, strict=True):
         for term in ("kd", "nm", "orth", "total"):
@@ -193,8 +209,12 @@ def test_exemplar_cache_returns_what_the_teacher_computes():
     for key in first:
         assert torch.equal(first[key], torch.cat([features[key] for features in alone]))
         assert torch.equal(again[key], first[key][[3, 0]])
+    assert torch.equal(cache.features([2, 5])["0"], first["0"][[1, 3]])  # cached: no images needed
+    assert cache.missing([4, 2, 4, 9]) == [4, 9]
     with pytest.raises(ValueError, match="^indices: expected one per exemplar image"):
         cache.features([1], images[:2])
+    with pytest.raises(KeyError, match=r"indices: no cached features for dataset items \[4\]"):
+        cache.features([2, 4])
 
 
 # ---- checkpoints -------------------------------------------------------------------------------------

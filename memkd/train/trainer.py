@@ -199,15 +199,59 @@ class ExemplarFeatureCache:
     def __len__(self) -> int:
         return len(self.entries)
 
-    def features(self, indices: list[int], images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The features of ``images`` [N, 3, H, W], the dataset items ``indices``, by memory key."""
+    def missing(self, indices: list[int]) -> list[int]:
+        """The indices, in order and without repeats, whose features are not cached yet."""
+        return [index for index in dict.fromkeys(indices) if index not in self.entries]
+
+    def add(self, indices: list[int], images: torch.Tensor) -> None:
+        """Encode and keep the features of those ``images`` [N, 3, H, W] (dataset items ``indices``)
+        that are not cached yet."""
         if len(indices) != images.shape[0]:
             raise ValueError(f"indices: expected one per exemplar image ({images.shape[0]}), got {len(indices)}")
         for row, index in enumerate(indices):
             if index not in self.entries:
                 encoded = self.model.exemplar_features(images[row : row + 1])
                 self.entries[index] = {key: f[0] for key, f in encoded.items()}
+
+    def features(self, indices: list[int], images: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+        """The features of the dataset items ``indices`` by memory key, after adding ``images`` (the
+        items ``indices``, when given)."""
+        if images is not None:
+            self.add(indices, images)
+        uncached = self.missing(indices)
+        if uncached:
+            raise KeyError(f"indices: no cached features for dataset items {uncached}; pass their images")
         return {key: torch.stack([self.entries[index][key] for index in indices]) for key in self.model.memories}
+
+
+class UncachedExemplars(Sampler[list[int]]):
+    """Each step's exemplar indices that ``cache`` still lacks (possibly none): what the exemplar
+    loader must read. Drawn ahead of use by a prefetching loader, a list may hold an index cached
+    meanwhile; the cache then keeps its first features."""
+
+    def __init__(self, batches: ExemplarBatches, cache: ExemplarFeatureCache):
+        self.batches, self.cache = batches, cache
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return (self.cache.missing(indices) for indices in self.batches)
+
+
+class IndexedItems(Dataset):
+    """``dataset`` with each item returned as (index, item), so that a loaded batch says which items it holds."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[int, Any]:
+        return index, self.dataset[index]
+
+
+def collate_indexed_images(items: list[tuple[int, Any]]) -> tuple[list[int], Optional[torch.Tensor]]:
+    """(indices, stacked images) of ``IndexedItems`` items; None for the images of an empty batch."""
+    return [index for index, _ in items], collate_images([item for _, item in items]) if items else None
 
 
 class LossMeter:
@@ -349,8 +393,9 @@ class Trainer:
             persistent_workers=workers > 0,
         )
 
-    def _exemplar_batches(self) -> Optional[Iterator[tuple[list[int], torch.Tensor]]]:
-        """Each step's exemplar set as (dataset indices, images), None without NEL."""
+    def _exemplar_batches(self) -> Optional[Iterator[tuple[list[int], tuple[list[int], Optional[torch.Tensor]]]]]:
+        """Each step's exemplar set as (its dataset indices, (the indices loaded, their images)), None
+        without NEL. With the cache only the images it lacks are loaded; without it, all of them."""
         if not self.config.method_spec.nel:
             return None
         dataset = self.loader.dataset
@@ -360,13 +405,13 @@ class Trainer:
             len(dataset), self.config.exemplars, self.train_config.seed, self.ctx.rank, self.ctx.world_size, self.step
         )
         loader = DataLoader(
-            dataset,
-            batch_sampler=sampler,
+            IndexedItems(dataset),
+            batch_sampler=sampler if self.exemplar_cache is None else UncachedExemplars(sampler, self.exemplar_cache),
             num_workers=self._workers(),
-            collate_fn=collate_images,
+            collate_fn=collate_indexed_images,
             pin_memory=self.ctx.device.type == "cuda",
         )
-        return zip(iter(sampler), loader)  # the loader yields the sampler's index lists in order
+        return zip(iter(sampler), loader)  # the loader yields its batch sampler's lists in order
 
     def _to_device(self, images: torch.Tensor) -> torch.Tensor:
         images = images.to(self.ctx.device, non_blocking=True)
@@ -391,11 +436,14 @@ class Trainer:
                 images = self._to_device(image_of(batch))
                 exemplars = features = None
                 if exemplar_batches is not None:
-                    indices, exemplar_images = next(exemplar_batches)
-                    exemplars = self._to_device(exemplar_images)
+                    indices, (loaded, exemplar_images) = next(exemplar_batches)
+                    if exemplar_images is not None:
+                        exemplars = self._to_device(exemplar_images)
                 with torch.autocast(self.ctx.device.type, dtype=torch.bfloat16, enabled=config.amp):
                     if self.exemplar_cache is not None:
-                        exemplars, features = None, self.exemplar_cache.features(indices, exemplars)
+                        if exemplars is not None:
+                            self.exemplar_cache.add(loaded, exemplars)
+                        exemplars, features = None, self.exemplar_cache.features(indices)
                     terms = self.training_step(images, exemplars, features)
                 self.optimizer.zero_grad(set_to_none=True)
                 terms["total"].backward()

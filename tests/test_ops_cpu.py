@@ -206,11 +206,12 @@ def test_zero_vectors_give_zero_cosine_not_nan():
     assert torch.isfinite(maps).all() and torch.isfinite(scores).all()
 
 
-def test_backward_is_deterministic_across_thread_counts(gen):
-    q = torch.randn(4, 96, 24, 24, generator=gen, requires_grad=True)
+@pytest.mark.parametrize("batch", [1, 4])
+def test_backward_is_deterministic_across_thread_counts(gen, batch):
+    q = torch.randn(batch, 96, 24, 24, generator=gen, requires_grad=True)
     k = torch.randn(50, 96, generator=gen, requires_grad=True)
     v = torch.randn(50, 96, generator=gen, requires_grad=True)
-    g = torch.randn(4, 96, 24, 24, generator=gen)
+    g = torch.randn(batch, 96, 24, 24, generator=gen)
     threads = torch.get_num_threads()
     results = []
     try:

@@ -90,7 +90,7 @@ at::Tensor nr_recall_cpu(const at::Tensor& query_arg, const at::Tensor& keys,
   const int64_t batch = query.size(0), items = keys.size(0);
   const PixelLayout q_layout(query), out_layout(out);
   const int64_t channels = q_layout.channels, pixels = q_layout.pixels;
-  const int64_t tile = pixel_tile(channels, pixels);
+  const int64_t tile = pixel_tile(channels, pixels, batch);
   const int64_t tiles_per_image = (pixels + tile - 1) / tile;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "nr_recall_cpu", [&] {
@@ -137,7 +137,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nr_recall_backward_cpu(
   const int64_t batch = query.size(0), items = keys.size(0);
   const PixelLayout q_layout(query), g_layout(grad_out), gq_layout(grad_query);
   const int64_t channels = q_layout.channels, pixels = q_layout.pixels;
-  const int64_t tile = pixel_tile(channels, pixels);
+  const int64_t tile = pixel_tile(channels, pixels, batch);
   const int64_t tiles_per_image = (pixels + tile - 1) / tile;
   const int64_t total_tiles = batch * tiles_per_image;
   const int64_t tiles_per_partition = (total_tiles + kMaxGradPartitions - 1) / kMaxGradPartitions;

@@ -141,78 +141,67 @@ void store_tile(const acc_t* src, const PixelLayout& l, int64_t b, int64_t p0, i
   }
 }
 
-// A [C, n] pixel tile in the accumulation type: element (c, t) at data[c * stride_c + t * stride_p].
-// It points either straight into an fp32/fp64 feature map or into a converted copy of a tile.
+// A [C, n] pixel tile in the accumulation type with contiguous pixels: element (c, t) at
+// data[c * ld + t]. It points either straight into an NCHW fp32/fp64 feature map or into a copy.
 template <typename acc_t>
 struct Tile {
   acc_t* data;
-  int64_t stride_c, stride_p, channels, n;
+  int64_t ld, channels, n;
 
-  acc_t& operator()(int64_t c, int64_t t) const { return data[c * stride_c + t * stride_p]; }
   at::Tensor matrix() const {
-    return at::from_blob(data, {channels, n}, {stride_c, stride_p},
+    return at::from_blob(data, {channels, n}, {ld, 1},
                          at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value));
   }
 };
 
-// The tile of pixels [p0, p0 + n) of image b to read: in place when the map already has the accumulation
-// type, otherwise converted into buffer (C * n values).
+// Whether tiles of this map are used where they lie: it already has the accumulation type and its
+// pixels are contiguous (NCHW). Others (fp16/bf16, channels_last) go through a C * n buffer.
+template <typename scalar_t, typename acc_t>
+bool tiles_in_place(const PixelLayout& l) {
+  return std::is_same_v<scalar_t, acc_t> && l.stride_p == 1;
+}
+
+// The tile of pixels [p0, p0 + n) of image b to read: in place where possible, else converted
+// into buffer.
 template <typename scalar_t, typename acc_t>
 Tile<acc_t> feature_tile(const scalar_t* data, const PixelLayout& l, int64_t b, int64_t p0, int64_t n,
                          acc_t* buffer) {
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {  // read-only view of the caller's map
-    return {const_cast<acc_t*>(data) + b * l.stride_b + p0 * l.stride_p, l.stride_c, l.stride_p, l.channels, n};
-  } else {
-    load_tile(data, l, b, p0, n, buffer);
-    return {buffer, n, 1, l.channels, n};
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {  // a read-only view of the caller's map
+    if (l.stride_p == 1) return {const_cast<acc_t*>(data) + b * l.stride_b + p0, l.stride_c, l.channels, n};
   }
+  load_tile(data, l, b, p0, n, buffer);
+  return {buffer, n, l.channels, n};
 }
 
-// Where to produce output pixels [p0, p0 + n) of image b: in place for fp32/fp64 maps, else in
-// buffer, which finish_output_tile then converts into the map.
+// Where to produce output pixels [p0, p0 + n) of image b: in place where possible, else in buffer,
+// which finish_output_tile then converts into the map.
 template <typename scalar_t, typename acc_t>
 Tile<acc_t> output_tile(scalar_t* data, const PixelLayout& l, int64_t b, int64_t p0, int64_t n, acc_t* buffer) {
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    return {data + b * l.stride_b + p0 * l.stride_p, l.stride_c, l.stride_p, l.channels, n};
-  } else {
-    return {buffer, n, 1, l.channels, n};
+    if (l.stride_p == 1) return {data + b * l.stride_b + p0, l.stride_c, l.channels, n};
   }
+  return {buffer, n, l.channels, n};
 }
 
 template <typename scalar_t, typename acc_t>
 void finish_output_tile(const Tile<acc_t>& tile, const PixelLayout& l, int64_t b, int64_t p0, scalar_t* data) {
-  if constexpr (!std::is_same_v<scalar_t, acc_t>) store_tile(tile.data, l, b, p0, tile.n, data);
+  if (!tiles_in_place<scalar_t, acc_t>(l)) store_tile(tile.data, l, b, p0, tile.n, data);
 }
 
-// inv_norm[t] = 1 / max(||tile[:, t]||, eps) and whether the norm was left unclamped.
+// inv_norm[t] = 1 / max(sqrt(sum_squares[t]), eps) and whether the norm was left unclamped.
 template <typename acc_t>
-void column_inverse_norms(const Tile<acc_t>& tile, acc_t* inv_norm, bool* unclamped) {
-  const int64_t n = tile.n;
-  if (tile.stride_p == 1) {  // NCHW: vectorise over the contiguous pixels
-    std::fill(inv_norm, inv_norm + n, acc_t(0));
-    for (int64_t c = 0; c < tile.channels; ++c) {
-      const acc_t* row = tile.data + c * tile.stride_c;
-      for (int64_t t = 0; t < n; ++t) inv_norm[t] += row[t] * row[t];
-    }
-  } else {  // NHWC: each pixel's channels are contiguous
-    for (int64_t t = 0; t < n; ++t) {
-      const acc_t* pix = tile.data + t * tile.stride_p;
-      acc_t sum = 0;
-      for (int64_t c = 0; c < tile.channels; ++c) sum += pix[c * tile.stride_c] * pix[c * tile.stride_c];
-      inv_norm[t] = sum;
-    }
-  }
+void inverse_norms(const acc_t* sum_squares, int64_t n, acc_t* inv_norm, bool* unclamped) {
   for (int64_t t = 0; t < n; ++t) {
-    const acc_t norm = std::sqrt(inv_norm[t]);
+    const acc_t norm = std::sqrt(sum_squares[t]);
     unclamped[t] = norm >= acc_t(kEps);
     inv_norm[t] = acc_t(1) / std::max(norm, acc_t(kEps));
   }
 }
 
-// A plain row-major matrix over a buffer, for ATen's BLAS-backed at::mm_out / at::addmm_.
+// A row-major [rows, cols] matrix with row stride ld over a buffer, for ATen's BLAS-backed at::addmm_.
 template <typename acc_t>
-at::Tensor matrix(acc_t* data, int64_t rows, int64_t cols) {
-  return at::from_blob(data, {rows, cols}, at::TensorOptions().dtype(acc_scalar_type<acc_t>()));
+at::Tensor matrix(acc_t* data, int64_t rows, int64_t cols, int64_t ld) {
+  return at::from_blob(data, {rows, cols}, {ld, 1}, at::TensorOptions().dtype(acc_scalar_type<acc_t>()));
 }
 
 // Per pixel t < n of image b: dot[t] = fs . ft, inv_a[t] = 1 / max(|fs|, eps), inv_b likewise, and

@@ -1,10 +1,13 @@
 // Fused CPU forward and backward of NR Memory recall.
 //
-// Per (image, pixel tile): load the query tile once into a cache-resident buffer, take its channel
-// norms, form the [L, T] cosine scores with one BLAS product against the normalised keys, softmax
-// over L on the tile, and produce the [C, T] output with a second product. The backward recomputes
-// the scores the same way and accumulates the key and value gradients in a fixed number of
-// partitions that are summed in order, so the result does not depend on the thread count.
+// Per (image, pixel tile): form the [L, T] scores against the normalised keys with the query's
+// channel norms in the same pass (tile_products.h), softmax over L on the tile, and write the
+// [C, T] output straight into the map with a second register-blocked product. The backward
+// recomputes the scores the same way, folds the query-normalisation backward into the epilogue of
+// the query-gradient product (x . d(x/|x|) is a sum over L of scores times score gradients, so no
+// pass over [C, T] is needed), and accumulates the key and value gradients, reductions over
+// pixels, with BLAS in a fixed number of partitions summed in order, so the result does not depend
+// on the thread count.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -15,67 +18,44 @@
 
 #include "../ops/checks.h"
 #include "feature_tiles.h"
+#include "tile_products.h"
 
 namespace memkd::cpu {
 namespace {
 
 constexpr int64_t kMaxGradPartitions = 32;
 
-// scores[l, t] *= inv_norm[t], then softmax over l for every column t, in place.
+// weights[l, t] = softmax over l of scores[l, t] * inv_norm[t], for every column t < n, both with
+// row stride ld; weights may be scores.
 template <typename acc_t>
-void scaled_softmax_columns(acc_t* scores, int64_t items, int64_t n, const acc_t* inv_norm,
-                            acc_t* col_max, acc_t* col_sum) {
+void scaled_softmax_columns(const acc_t* scores, acc_t* weights, int64_t items, int64_t n, int64_t ld,
+                            const acc_t* inv_norm, acc_t* col_max, acc_t* col_sum) {
   std::fill(col_max, col_max + n, -std::numeric_limits<acc_t>::infinity());
   for (int64_t l = 0; l < items; ++l) {
-    acc_t* row = scores + l * n;
-    for (int64_t t = 0; t < n; ++t) {
-      row[t] *= inv_norm[t];
-      col_max[t] = std::max(col_max[t], row[t]);
-    }
+    const acc_t* row = scores + l * ld;
+    for (int64_t t = 0; t < n; ++t) col_max[t] = std::max(col_max[t], row[t] * inv_norm[t]);
   }
   std::fill(col_sum, col_sum + n, acc_t(0));
   for (int64_t l = 0; l < items; ++l) {
-    acc_t* row = scores + l * n;
+    const acc_t* row = scores + l * ld;
+    acc_t* out = weights + l * ld;
     for (int64_t t = 0; t < n; ++t) {
-      row[t] = vector_exp(row[t] - col_max[t]);
-      col_sum[t] += row[t];
+      out[t] = vector_exp(row[t] * inv_norm[t] - col_max[t]);
+      col_sum[t] += out[t];
     }
   }
   for (int64_t t = 0; t < n; ++t) col_sum[t] = acc_t(1) / col_sum[t];
   for (int64_t l = 0; l < items; ++l) {
-    acc_t* row = scores + l * n;
-    for (int64_t t = 0; t < n; ++t) row[t] *= col_sum[t];
+    acc_t* out = weights + l * ld;
+    for (int64_t t = 0; t < n; ++t) out[t] *= col_sum[t];
   }
 }
 
-// Backward of x / max(|x|, eps) per pixel: out = (d - xh (xh . d)) / |x|, with d = grad_x_hat a
-// contiguous [C, n] buffer; the projection vanishes where the norm was clamped.
+// Row stride of the [L, n] score buffers: a tile plus one vector, so that the rows, which the
+// products stream through together, do not all fall into the same few cache sets.
 template <typename acc_t>
-void normalisation_backward(const Tile<acc_t>& x, const acc_t* grad_x_hat, const acc_t* inv_norm,
-                            const bool* unclamped, acc_t* coef, const Tile<acc_t>& out) {
-  const int64_t n = x.n;
-  std::fill(coef, coef + n, acc_t(0));
-  if (x.stride_p == 1 && out.stride_p == 1) {  // NCHW: vectorise over pixels
-    for (int64_t c = 0; c < x.channels; ++c) {
-      const acc_t* xr = x.data + c * x.stride_c;
-      const acc_t* dr = grad_x_hat + c * n;
-      for (int64_t t = 0; t < n; ++t) coef[t] += xr[t] * dr[t];
-    }
-    for (int64_t t = 0; t < n; ++t) coef[t] = unclamped[t] ? coef[t] * inv_norm[t] * inv_norm[t] * inv_norm[t] : acc_t(0);
-    for (int64_t c = 0; c < x.channels; ++c) {
-      const acc_t* xr = x.data + c * x.stride_c;
-      const acc_t* dr = grad_x_hat + c * n;
-      acc_t* outr = out.data + c * out.stride_c;
-      for (int64_t t = 0; t < n; ++t) outr[t] = dr[t] * inv_norm[t] - xr[t] * coef[t];
-    }
-  } else {
-    for (int64_t t = 0; t < n; ++t) {
-      acc_t dot = 0;
-      for (int64_t c = 0; c < x.channels; ++c) dot += x(c, t) * grad_x_hat[c * n + t];
-      coef[t] = unclamped[t] ? dot * inv_norm[t] * inv_norm[t] * inv_norm[t] : acc_t(0);
-      for (int64_t c = 0; c < x.channels; ++c) out(c, t) = grad_x_hat[c * n + t] * inv_norm[t] - x(c, t) * coef[t];
-    }
-  }
+int64_t score_row_stride(int64_t tile) {
+  return tile + kLanes<acc_t>;
 }
 
 at::Tensor normalised_rows(const at::Tensor& x) {
@@ -96,26 +76,30 @@ at::Tensor nr_recall_cpu(const at::Tensor& query_arg, const at::Tensor& keys,
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "nr_recall_cpu", [&] {
     using acc_t = acc_type_for<scalar_t>;
     const at::Tensor keys_hat = normalised_rows(keys.to(acc_scalar_type<acc_t>())).contiguous();
-    const at::Tensor values_t = values.to(acc_scalar_type<acc_t>()).contiguous().t();
+    const at::Tensor values_acc = values.to(acc_scalar_type<acc_t>()).contiguous();
+    const acc_t* kh = keys_hat.const_data_ptr<acc_t>();
+    const acc_t* v = values_acc.const_data_ptr<acc_t>();
     const scalar_t* q_data = query.const_data_ptr<scalar_t>();
     scalar_t* out_data = out.mutable_data_ptr<scalar_t>();
-    constexpr bool needs_buffers = !std::is_same_v<scalar_t, acc_t>;  // fp16/bf16 tiles are converted
+    const bool q_in_place = tiles_in_place<scalar_t, acc_t>(q_layout);
+    const bool out_in_place = tiles_in_place<scalar_t, acc_t>(out_layout);
 
-    parallel_for_with_blas(0, batch * tiles_per_image, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> q_buffer(needs_buffers ? channels * tile : 0), out_buffer(needs_buffers ? channels * tile : 0);
-      std::vector<acc_t> scores(items * tile), inv_norm(tile), col_max(tile), col_sum(tile);
+    at::parallel_for(0, batch * tiles_per_image, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> q_buffer(q_in_place ? 0 : channels * tile), out_buffer(out_in_place ? 0 : channels * tile);
+      const int64_t ld = score_row_stride<acc_t>(tile);
+      std::vector<acc_t> scores(items * ld), inv_norm(tile), col_max(tile), col_sum(tile);
+      std::vector<acc_t> packed(packed_block_size<acc_t>(channels));
       std::unique_ptr<bool[]> unclamped(new bool[tile]);
       for (int64_t i = begin; i < end; ++i) {
         const int64_t b = i / tiles_per_image, p0 = (i % tiles_per_image) * tile;
         const int64_t n = std::min(tile, pixels - p0);
         const Tile<acc_t> q = feature_tile(q_data, q_layout, b, p0, n, q_buffer.data());
-        column_inverse_norms(q, inv_norm.data(), unclamped.get());
-        at::Tensor score_mat = matrix(scores.data(), items, n);
-        at::mm_out(score_mat, keys_hat, q.matrix());
-        scaled_softmax_columns(scores.data(), items, n, inv_norm.data(), col_max.data(), col_sum.data());
+        rows_by_tile(kh, channels, items, q.data, q.ld, channels, n, scores.data(), ld, col_sum.data(), packed.data());
+        inverse_norms(col_sum.data(), n, inv_norm.data(), unclamped.get());
+        scaled_softmax_columns(scores.data(), scores.data(), items, n, ld, inv_norm.data(), col_max.data(), col_sum.data());
         const Tile<acc_t> o = output_tile(out_data, out_layout, b, p0, n, out_buffer.data());
-        at::Tensor out_mat = o.matrix();
-        at::mm_out(out_mat, values_t, score_mat);
+        cols_by_rows(v, channels, items, scores.data(), ld, channels, n, o.data, o.ld, static_cast<const acc_t*>(nullptr),
+                     0, static_cast<const acc_t*>(nullptr));
         finish_output_tile(o, out_layout, b, p0, out_data);
       }
     });
@@ -150,21 +134,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nr_recall_backward_cpu(
     const at::Tensor keys_acc = keys.to(acc_dtype);
     const at::Tensor key_norms = keys_acc.norm(2, 1, true);
     const at::Tensor keys_hat = (keys_acc / key_norms.clamp_min(kEps)).contiguous();
-    const at::Tensor keys_hat_t = keys_hat.t();
     const at::Tensor values_acc = values.to(acc_dtype).contiguous();
-    const at::Tensor values_t = values_acc.t();
     at::Tensor grad_keys_hat_parts = at::zeros({partitions, items, channels}, keys_acc.options());
     at::Tensor grad_values_parts = at::zeros({partitions, items, channels}, keys_acc.options());
+    const acc_t* kh = keys_hat.const_data_ptr<acc_t>();
+    const acc_t* v = values_acc.const_data_ptr<acc_t>();
     const scalar_t* q_data = query.const_data_ptr<scalar_t>();
     const scalar_t* g_data = grad_out.const_data_ptr<scalar_t>();
     scalar_t* gq_data = grad_query.mutable_data_ptr<scalar_t>();
-    constexpr bool needs_buffers = !std::is_same_v<scalar_t, acc_t>;
+    const int64_t q_buffer_size = tiles_in_place<scalar_t, acc_t>(q_layout) ? 0 : channels * tile;
+    const int64_t g_buffer_size = tiles_in_place<scalar_t, acc_t>(g_layout) ? 0 : channels * tile;
+    const int64_t gq_buffer_size = tiles_in_place<scalar_t, acc_t>(gq_layout) ? 0 : channels * tile;
 
     parallel_for_with_blas(0, partitions, 1, [&](int64_t part_begin, int64_t part_end) {
-      const int64_t buffer_size = needs_buffers ? channels * tile : 0;
-      std::vector<acc_t> q_buffer(buffer_size), g_buffer(buffer_size), gq_buffer(buffer_size);
-      std::vector<acc_t> grad_q_hat(channels * tile), weights(items * tile), grad_scores(items * tile);
-      std::vector<acc_t> inv_norm(tile), col_a(tile), col_b(tile);
+      std::vector<acc_t> q_buffer(q_buffer_size), g_buffer(g_buffer_size), gq_buffer(gq_buffer_size);
+      const int64_t ld = score_row_stride<acc_t>(tile);
+      std::vector<acc_t> scores(items * ld), weights(items * ld), grad_scores(items * ld);
+      std::vector<acc_t> inv_norm(tile), col_a(tile), col_b(tile), packed(packed_block_size<acc_t>(channels));
       std::unique_ptr<bool[]> unclamped(new bool[tile]);
       for (int64_t part = part_begin; part < part_end; ++part) {
         at::Tensor grad_keys_hat_part = grad_keys_hat_parts[part];
@@ -175,32 +161,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nr_recall_backward_cpu(
           const int64_t n = std::min(tile, pixels - p0);
           const Tile<acc_t> q = feature_tile(q_data, q_layout, b, p0, n, q_buffer.data());
           const Tile<acc_t> g = feature_tile(g_data, g_layout, b, p0, n, g_buffer.data());
-          column_inverse_norms(q, inv_norm.data(), unclamped.get());
-          const at::Tensor q_mat = q.matrix(), g_mat = g.matrix();
-          at::Tensor w_mat = matrix(weights.data(), items, n);
-          at::Tensor gs_mat = matrix(grad_scores.data(), items, n);
-          at::Tensor gqh_mat = matrix(grad_q_hat.data(), channels, n);
-          at::mm_out(w_mat, keys_hat, q_mat);
-          scaled_softmax_columns(weights.data(), items, n, inv_norm.data(), col_a.data(), col_b.data());
+          // Raw scores S = kh q (the cosines are S / |q|) and the weights W = softmax(S / |q|).
+          rows_by_tile(kh, channels, items, q.data, q.ld, channels, n, scores.data(), ld, col_a.data(), packed.data());
+          inverse_norms(col_a.data(), n, inv_norm.data(), unclamped.get());
+          scaled_softmax_columns(scores.data(), weights.data(), items, n, ld, inv_norm.data(), col_a.data(), col_b.data());
           // dV += W dO^T and dW = V dO.
-          grad_values_part.addmm_(w_mat, g_mat.t());
-          at::mm_out(gs_mat, values_acc, g_mat);
-          // Softmax backward: dS = W * (dW - sum_l W * dW).
+          grad_values_part.addmm_(matrix(weights.data(), items, n, ld), g.matrix().t());
+          rows_by_tile(v, channels, items, g.data, g.ld, channels, n, grad_scores.data(), ld,
+                       static_cast<acc_t*>(nullptr), packed.data());
+          // Softmax backward dS = W * (dW - sum_l W * dW), kept as dS / |q|: the gradient of the raw
+          // scores. coef = (q/|q| . d(q/|q|)) / |q|^2 = sum_l (dS / |q|) S / |q|^2, zero where |q| was clamped.
           std::fill(col_a.begin(), col_a.begin() + n, acc_t(0));
           for (int64_t l = 0; l < items; ++l)
-            for (int64_t t = 0; t < n; ++t) col_a[t] += weights[l * n + t] * grad_scores[l * n + t];
+            for (int64_t t = 0; t < n; ++t) col_a[t] += weights[l * ld + t] * grad_scores[l * ld + t];
+          std::fill(col_b.begin(), col_b.begin() + n, acc_t(0));
           for (int64_t l = 0; l < items; ++l)
-            for (int64_t t = 0; t < n; ++t)
-              grad_scores[l * n + t] = weights[l * n + t] * (grad_scores[l * n + t] - col_a[t]);
-          // d(q/|q|) = kh^T dS, then through the normalisation: (d - qh (qh . d)) / |q|.
-          at::mm_out(gqh_mat, keys_hat_t, gs_mat);
+            for (int64_t t = 0; t < n; ++t) {
+              const acc_t ds = weights[l * ld + t] * (grad_scores[l * ld + t] - col_a[t]) * inv_norm[t];
+              grad_scores[l * ld + t] = ds;
+              col_b[t] += ds * scores[l * ld + t];
+            }
+          for (int64_t t = 0; t < n; ++t) col_b[t] = unclamped[t] ? col_b[t] * inv_norm[t] * inv_norm[t] : acc_t(0);
+          // dq = kh^T (dS / |q|) - q coef: one product with the normalisation backward as its epilogue.
           const Tile<acc_t> gq = output_tile(gq_data, gq_layout, b, p0, n, gq_buffer.data());
-          normalisation_backward(q, grad_q_hat.data(), inv_norm.data(), unclamped.get(), col_a.data(), gq);
+          cols_by_rows(kh, channels, items, grad_scores.data(), ld, channels, n, gq.data, gq.ld,
+                       static_cast<const acc_t*>(q.data), q.ld, static_cast<const acc_t*>(col_b.data()));
           finish_output_tile(gq, gq_layout, b, p0, gq_data);
-          // d(k/|k|) += dS qh^T, with qh = q * inv_norm folded into dS.
-          for (int64_t l = 0; l < items; ++l)
-            for (int64_t t = 0; t < n; ++t) grad_scores[l * n + t] *= inv_norm[t];
-          grad_keys_hat_part.addmm_(gs_mat, q_mat.t());
+          // d(k/|k|) += (dS / |q|) q^T.
+          grad_keys_hat_part.addmm_(matrix(grad_scores.data(), items, n, ld), q.matrix().t());
         }
       }
     });

@@ -76,9 +76,10 @@ at::Tensor nr_recall_cpu(const at::Tensor& query_arg, const at::Tensor& keys,
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "nr_recall_cpu", [&] {
     using acc_t = acc_type_for<scalar_t>;
     const at::Tensor keys_hat = normalised_rows(keys.to(acc_scalar_type<acc_t>())).contiguous();
-    const at::Tensor values_acc = values.to(acc_scalar_type<acc_t>()).contiguous();
+    // [C, L]: the output product reads one channel's L weights at a time.
+    const at::Tensor values_t = values.to(acc_scalar_type<acc_t>()).t().contiguous();
     const acc_t* kh = keys_hat.const_data_ptr<acc_t>();
-    const acc_t* v = values_acc.const_data_ptr<acc_t>();
+    const acc_t* v_t = values_t.const_data_ptr<acc_t>();
     const scalar_t* q_data = query.const_data_ptr<scalar_t>();
     scalar_t* out_data = out.mutable_data_ptr<scalar_t>();
     const bool q_in_place = tiles_in_place<scalar_t, acc_t>(q_layout);
@@ -98,7 +99,7 @@ at::Tensor nr_recall_cpu(const at::Tensor& query_arg, const at::Tensor& keys,
         inverse_norms(col_sum.data(), n, inv_norm.data(), unclamped.get());
         scaled_softmax_columns(scores.data(), scores.data(), items, n, ld, inv_norm.data(), col_max.data(), col_sum.data());
         const Tile<acc_t> o = output_tile(out_data, out_layout, b, p0, n, out_buffer.data());
-        cols_by_rows(v, channels, items, scores.data(), ld, channels, n, o.data, o.ld, static_cast<const acc_t*>(nullptr),
+        cols_by_rows(v_t, items, items, scores.data(), ld, channels, n, o.data, o.ld, static_cast<const acc_t*>(nullptr),
                      0, static_cast<const acc_t*>(nullptr));
         finish_output_tile(o, out_layout, b, p0, out_data);
       }
@@ -137,7 +138,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nr_recall_backward_cpu(
     const at::Tensor values_acc = values.to(acc_dtype).contiguous();
     at::Tensor grad_keys_hat_parts = at::zeros({partitions, items, channels}, keys_acc.options());
     at::Tensor grad_values_parts = at::zeros({partitions, items, channels}, keys_acc.options());
+    const at::Tensor keys_hat_t = keys_hat.t().contiguous();
     const acc_t* kh = keys_hat.const_data_ptr<acc_t>();
+    const acc_t* kh_t = keys_hat_t.const_data_ptr<acc_t>();
     const acc_t* v = values_acc.const_data_ptr<acc_t>();
     const scalar_t* q_data = query.const_data_ptr<scalar_t>();
     const scalar_t* g_data = grad_out.const_data_ptr<scalar_t>();
@@ -184,7 +187,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nr_recall_backward_cpu(
           for (int64_t t = 0; t < n; ++t) col_b[t] = unclamped[t] ? col_b[t] * inv_norm[t] * inv_norm[t] : acc_t(0);
           // dq = kh^T (dS / |q|) - q coef: one product with the normalisation backward as its epilogue.
           const Tile<acc_t> gq = output_tile(gq_data, gq_layout, b, p0, n, gq_buffer.data());
-          cols_by_rows(kh, channels, items, grad_scores.data(), ld, channels, n, gq.data, gq.ld,
+          cols_by_rows(kh_t, items, items, grad_scores.data(), ld, channels, n, gq.data, gq.ld,
                        static_cast<const acc_t*>(q.data), q.ld, static_cast<const acc_t*>(col_b.data()));
           finish_output_tile(gq, gq_layout, b, p0, gq_data);
           // d(k/|k|) += (dS / |q|) q^T.

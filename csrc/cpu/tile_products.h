@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <immintrin.h>
 #include <type_traits>
 #include <utility>
 
@@ -52,6 +53,19 @@ inline vec_t<T> load_vec(const T* p) {
 template <typename T>
 inline void store_vec(T* p, const vec_t<T>& v) {
   std::memcpy(p, &v, sizeof(v));
+}
+
+// A store that skips the cache where the target is vector-aligned: the output tiles are written
+// once, and reading their lines in first (write-allocate) cost more than the stores themselves.
+template <typename T>
+inline void stream_vec(T* p, const vec_t<T>& v) {
+#if defined(__AVX512F__)
+  if ((reinterpret_cast<uintptr_t>(p) & 63) == 0) {
+    if constexpr (std::is_same_v<T, float>) return _mm512_stream_ps(p, reinterpret_cast<__m512>(v));
+    else return _mm512_stream_pd(p, reinterpret_cast<__m512d>(v));
+  }
+#endif
+  store_vec(p, v);
 }
 
 template <typename T>
@@ -157,7 +171,7 @@ void rows_by_tile(const T* a, int64_t lda, int64_t rows, const T* x, int64_t ldx
   }
 }
 
-// out[c, t] = sum_m a[m * lda + c] * w[m * ldw + t] for c < CB, t < NV * lanes; with Project,
+// out[c, t] = sum_m a[c * lda + m] * w[m * ldw + t] for c < CB, t < NV * lanes; with Project,
 // minus x[c * ldx + t] * coef[t] (the radial part of a normalisation backward).
 template <typename T, int CB, int NV, bool Project>
 inline void cols_by_rows_block(const T* a, int64_t lda, int64_t rows, const T* w, int64_t ldw, T* out,
@@ -165,13 +179,22 @@ inline void cols_by_rows_block(const T* a, int64_t lda, int64_t rows, const T* w
   using V = vec_t<T>;
   constexpr int64_t W = kLanes<T>;
   V acc[CB][NV] = {};
+  if constexpr (Project) {
+    // Start from the radial term rather than subtracting it at the end: there its loads would sit
+    // among this block's stores to the same offsets of another [C, n] tile, which 4 KiB aliasing
+    // turns into stalls.
+#pragma GCC unroll 8
+    for (int i = 0; i < CB; ++i)
+#pragma GCC unroll 8
+      for (int j = 0; j < NV; ++j) acc[i][j] = -load_vec(x + i * ldx + j * W) * load_vec(coef + j * W);
+  }
   for (int64_t m = 0; m < rows; ++m) {
     V wv[NV];
 #pragma GCC unroll 8
     for (int j = 0; j < NV; ++j) wv[j] = load_vec(w + m * ldw + j * W);
 #pragma GCC unroll 8
     for (int i = 0; i < CB; ++i) {
-      const V ai = broadcast(a[m * lda + i]);
+      const V ai = broadcast(a[i * lda + m]);
 #pragma GCC unroll 8
       for (int j = 0; j < NV; ++j) acc[i][j] += ai * wv[j];
     }
@@ -179,14 +202,10 @@ inline void cols_by_rows_block(const T* a, int64_t lda, int64_t rows, const T* w
 #pragma GCC unroll 8
   for (int i = 0; i < CB; ++i)
 #pragma GCC unroll 8
-    for (int j = 0; j < NV; ++j) {
-      V v = acc[i][j];
-      if constexpr (Project) v -= load_vec(x + i * ldx + j * W) * load_vec(coef + j * W);
-      store_vec(out + i * ldo + j * W, v);
-    }
+    for (int j = 0; j < NV; ++j) stream_vec(out + i * ldo + j * W, acc[i][j]);
 }
 
-// out[c, t] = sum_m a[m, c] w[m, t] for c < channels, t < n (a: [rows, C] with row stride lda; w:
+// out[c, t] = sum_m a[c, m] w[m, t] for c < channels, t < n (a: [C, rows] with row stride lda; w:
 // [rows, n] with row stride ldw; out: a [C, n] tile with row stride ldo), minus x[c, t] * coef[t]
 // when coef is not null (x: a [C, n] tile with row stride ldx).
 template <typename T>
@@ -197,10 +216,10 @@ void cols_by_rows(const T* a, int64_t lda, int64_t rows, const T* w, int64_t ldw
     for (int64_t c0 = 0; c0 < channels; c0 += kRowBlock) {
       with_block_size<kRowBlock>(static_cast<int>(std::min<int64_t>(kRowBlock, channels - c0)), [&](auto cb) {
         if (coef != nullptr)
-          cols_by_rows_block<T, decltype(cb)::value, decltype(nv)::value, true>(a + c0, lda, rows, w + t0, ldw, out + c0 * ldo + t0, ldo,
+          cols_by_rows_block<T, decltype(cb)::value, decltype(nv)::value, true>(a + c0 * lda, lda, rows, w + t0, ldw, out + c0 * ldo + t0, ldo,
                                                   x + c0 * ldx + t0, ldx, coef + t0);
         else
-          cols_by_rows_block<T, decltype(cb)::value, decltype(nv)::value, false>(a + c0, lda, rows, w + t0, ldw, out + c0 * ldo + t0, ldo,
+          cols_by_rows_block<T, decltype(cb)::value, decltype(nv)::value, false>(a + c0 * lda, lda, rows, w + t0, ldw, out + c0 * ldo + t0, ldo,
                                                    nullptr, 0, nullptr);
       });
     }
@@ -215,9 +234,10 @@ void cols_by_rows(const T* a, int64_t lda, int64_t rows, const T* w, int64_t ldw
   for (int64_t t = t0; t < n; ++t)
     for (int64_t c = 0; c < channels; ++c) {
       T s = 0;
-      for (int64_t m = 0; m < rows; ++m) s += a[m * lda + c] * w[m * ldw + t];
+      for (int64_t m = 0; m < rows; ++m) s += a[c * lda + m] * w[m * ldw + t];
       out[c * ldo + t] = coef != nullptr ? s - x[c * ldx + t] * coef[t] : s;
     }
+  _mm_sfence();  // order the streamed stores before whatever reads the tile next
 }
 
 }  // namespace memkd::cpu

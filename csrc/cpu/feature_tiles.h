@@ -1,6 +1,7 @@
 // Pixel-tile access to [B, C, H, W] feature maps stored NCHW- or NHWC-dense, shared by the CPU
-// kernels. Tiles are converted to the accumulation type in small thread-local buffers so that the
-// channel norms and the BLAS products run on cache-resident data without full-size temporaries.
+// kernels. Tiles of other dtypes or layouts are converted to the accumulation type with contiguous
+// pixels in small thread-local buffers, so that the products run on cache-resident data without
+// full-size temporaries.
 #pragma once
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -10,37 +11,7 @@
 #include <cstdint>
 #include <type_traits>
 
-// MKL's per-thread thread count (the C entry point; the lowercase symbol is the Fortran one),
-// resolved from libtorch_cpu when torch was built with MKL, null otherwise.
-extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
-
 namespace memkd::cpu {
-
-// Makes MKL run on the calling thread for the guard's lifetime; 0 afterwards restores the global setting.
-class SequentialBlasGuard {
- public:
-  SequentialBlasGuard() : previous_(MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0) {}
-  ~SequentialBlasGuard() {
-    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(previous_);
-  }
-  SequentialBlasGuard(const SequentialBlasGuard&) = delete;
-  SequentialBlasGuard& operator=(const SequentialBlasGuard&) = delete;
-
- private:
-  int previous_;
-};
-
-// at::parallel_for for bodies that call ATen's BLAS-backed ops (at::mm_out, addmm_). OpenMP workers
-// inherit neither the caller's dispatch state, so they re-enter below autograd themselves (else mm_out
-// refuses inputs that require grad), nor a sequential BLAS: MKL could start a nested team per call.
-template <typename F>
-void parallel_for_with_blas(int64_t begin, int64_t end, int64_t grain, const F& body) {
-  at::parallel_for(begin, end, grain, [&](int64_t chunk_begin, int64_t chunk_end) {
-    const at::AutoDispatchBelowADInplaceOrView below_autograd;
-    const SequentialBlasGuard sequential_blas;
-    body(chunk_begin, chunk_end);
-  });
-}
 
 constexpr double kEps = 1e-8;  // the same normalisation epsilon as memkd.ops.reference.EPS
 
@@ -147,11 +118,6 @@ template <typename acc_t>
 struct Tile {
   acc_t* data;
   int64_t ld, channels, n;
-
-  at::Tensor matrix() const {
-    return at::from_blob(data, {channels, n}, {ld, 1},
-                         at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value));
-  }
 };
 
 // Whether tiles of this map are used where they lie: it already has the accumulation type and its
@@ -196,12 +162,6 @@ void inverse_norms(const acc_t* sum_squares, int64_t n, acc_t* inv_norm, bool* u
     unclamped[t] = norm >= acc_t(kEps);
     inv_norm[t] = acc_t(1) / std::max(norm, acc_t(kEps));
   }
-}
-
-// A row-major [rows, cols] matrix with row stride ld over a buffer, for ATen's BLAS-backed at::addmm_.
-template <typename acc_t>
-at::Tensor matrix(acc_t* data, int64_t rows, int64_t cols, int64_t ld) {
-  return at::from_blob(data, {rows, cols}, {ld, 1}, at::TensorOptions().dtype(acc_scalar_type<acc_t>()));
 }
 
 // Per pixel t < n of image b: dot[t] = fs . ft, inv_a[t] = 1 / max(|fs|, eps), inv_b likewise, and

@@ -1,13 +1,12 @@
 // Fused CPU forward and backward of NR Memory recall.
 //
 // Per (image, pixel tile): form the [L, T] scores against the normalised keys with the query's
-// channel norms in the same pass (tile_products.h), softmax over L on the tile, and write the
-// [C, T] output straight into the map with a second register-blocked product. The backward
-// recomputes the scores the same way, folds the query-normalisation backward into the epilogue of
-// the query-gradient product (x . d(x/|x|) is a sum over L of scores times score gradients, so no
-// pass over [C, T] is needed), and accumulates the key and value gradients, reductions over
-// pixels, with BLAS in a fixed number of partitions summed in order, so the result does not depend
-// on the thread count.
+// channel norms in the same pass, softmax over L on the tile, and write the [C, T] output straight
+// into the map with a second register-blocked product (tile_products.h). The backward recomputes
+// the scores the same way and folds the query-normalisation backward into the start of the
+// query-gradient product: x . d(x/|x|) is a sum over L of scores times score gradients, so it needs
+// no pass over [C, T]. The key and value gradients, reductions over pixels, accumulate in a fixed
+// number of partitions that are summed in order, so the result does not depend on the thread count.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -149,15 +148,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nr_recall_backward_cpu(
     const int64_t g_buffer_size = tiles_in_place<scalar_t, acc_t>(g_layout) ? 0 : channels * tile;
     const int64_t gq_buffer_size = tiles_in_place<scalar_t, acc_t>(gq_layout) ? 0 : channels * tile;
 
-    parallel_for_with_blas(0, partitions, 1, [&](int64_t part_begin, int64_t part_end) {
+    acc_t* grad_keys_hat_parts_data = grad_keys_hat_parts.mutable_data_ptr<acc_t>();
+    acc_t* grad_values_parts_data = grad_values_parts.mutable_data_ptr<acc_t>();
+
+    at::parallel_for(0, partitions, 1, [&](int64_t part_begin, int64_t part_end) {
       std::vector<acc_t> q_buffer(q_buffer_size), g_buffer(g_buffer_size), gq_buffer(gq_buffer_size);
       const int64_t ld = score_row_stride<acc_t>(tile);
       std::vector<acc_t> scores(items * ld), weights(items * ld), grad_scores(items * ld);
       std::vector<acc_t> inv_norm(tile), col_a(tile), col_b(tile), packed(packed_block_size<acc_t>(channels));
       std::unique_ptr<bool[]> unclamped(new bool[tile]);
       for (int64_t part = part_begin; part < part_end; ++part) {
-        at::Tensor grad_keys_hat_part = grad_keys_hat_parts[part];
-        at::Tensor grad_values_part = grad_values_parts[part];
+        acc_t* grad_keys_hat_part = grad_keys_hat_parts_data + part * items * channels;
+        acc_t* grad_values_part = grad_values_parts_data + part * items * channels;
         const int64_t tile_end = std::min(total_tiles, (part + 1) * tiles_per_partition);
         for (int64_t i = part * tiles_per_partition; i < tile_end; ++i) {
           const int64_t b = i / tiles_per_image, p0 = (i % tiles_per_image) * tile;
@@ -169,7 +171,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nr_recall_backward_cpu(
           inverse_norms(col_a.data(), n, inv_norm.data(), unclamped.get());
           scaled_softmax_columns(scores.data(), weights.data(), items, n, ld, inv_norm.data(), col_a.data(), col_b.data());
           // dV += W dO^T and dW = V dO.
-          grad_values_part.addmm_(matrix(weights.data(), items, n, ld), g.matrix().t());
+          add_rows_by_tile_t(weights.data(), ld, items, g.data, g.ld, channels, n, grad_values_part, channels);
           rows_by_tile(v, channels, items, g.data, g.ld, channels, n, grad_scores.data(), ld,
                        static_cast<acc_t*>(nullptr), packed.data());
           // Softmax backward dS = W * (dW - sum_l W * dW), kept as dS / |q|: the gradient of the raw
@@ -191,7 +193,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nr_recall_backward_cpu(
                        static_cast<const acc_t*>(q.data), q.ld, static_cast<const acc_t*>(col_b.data()));
           finish_output_tile(gq, gq_layout, b, p0, gq_data);
           // d(k/|k|) += (dS / |q|) q^T.
-          grad_keys_hat_part.addmm_(matrix(grad_scores.data(), items, n, ld), q.matrix().t());
+          add_rows_by_tile_t(grad_scores.data(), ld, items, q.data, q.ld, channels, n, grad_keys_hat_part, channels);
         }
       }
     });

@@ -64,10 +64,9 @@ inline double vector_exp(double x) { return std::exp(x); }
 // Pixel tile size: about 1 MiB of fp32 per [C, T] buffer, a multiple of 16, at most 512 pixels and
 // the image, and at least two tiles in all so that a single image still splits across threads. It
 // does not depend on the thread count, which keeps the gradient reductions the same for any count.
-// Measured on 2 threads, medians of 5-7 interleaved runs: 1 MiB instead of 512 KiB made the B=16
-// forward 19-32% faster at 1024x16x16 and 6-17% at 512x32x32, the 1024x16x16 backward 9-14%;
-// splitting the one-tile 2048x8x8 image made its B=1 backward 25% faster; 256 KiB had made the
-// backward 1.3-1.5x slower at 512-2048 channels (narrow GEMMs).
+// With the register-blocked products (1 thread, best of 25, interleaved): 2 MiB / 1024 pixels was
+// no faster, 512 KiB made the 1024x16x16 backward 10-20% slower (its key and value gradients end
+// in one transposing sum per block, so they want long pixel runs).
 inline int64_t pixel_tile(int64_t channels, int64_t pixels, int64_t batch) {
   const int64_t t = std::clamp<int64_t>((262144 / std::max<int64_t>(channels, 1)) / 16 * 16, 16, 512);
   const int64_t split = batch == 1 ? ((pixels + 1) / 2 + 15) / 16 * 16 : pixels;

@@ -268,7 +268,8 @@ def machine_meta(settings, load_start) -> dict:
                       capability=f"{props.major}.{props.minor}", cuda=torch.version.cuda)
     else:
         device.update(name=cpu_model())
-    status = _git("status", "--porcelain", "--untracked-files=no")
+    # Earlier results in benchmarks/results are not code: they do not make the measured code a draft.
+    status = _git("status", "--porcelain", "--untracked-files=no", "--", ":(top)", ":(top,exclude)benchmarks/results")
     return {
         "machine": {
             "cpu": cpu_model(),

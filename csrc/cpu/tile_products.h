@@ -104,23 +104,47 @@ inline void with_block_size(int k, F&& f) {
   }
 }
 
+// Calls block(t0, std::integral_constant<int, NV>) over the pixels [0, n) in blocks of
+// kPixelVectors vectors, the last one shorter; returns where the pixels that fill no vector start.
+template <typename T, typename F>
+inline int64_t for_each_pixel_block(int64_t n, const F& block) {
+  constexpr int64_t W = kLanes<T>;
+  int64_t t0 = 0;
+  for (; t0 + kPixelVectors * W <= n; t0 += kPixelVectors * W) block(t0, std::integral_constant<int, kPixelVectors>{});
+  if (const int64_t vectors = (n - t0) / W; vectors > 0) {
+    with_block_size<kPixelVectors>(static_cast<int>(vectors), [&](auto nv) { block(t0, nv); });
+    t0 += vectors * W;
+  }
+  return t0;
+}
+
+// acc[i][j] += a[i * lda + k] * (the vector at v + k * ldv + j * lanes) for k < depth: the inner
+// loop of both tile-producing products, R broadcasts times NV vectors per step.
+template <typename T, int R, int NV>
+inline void add_outer_products(vec_t<T> (&acc)[R][NV], const T* a, int64_t lda, const T* v, int64_t ldv,
+                               int64_t depth) {
+  using V = vec_t<T>;
+  constexpr int64_t W = kLanes<T>;
+  for (int64_t k = 0; k < depth; ++k) {
+    V vk[NV];
+#pragma GCC unroll 8
+    for (int j = 0; j < NV; ++j) vk[j] = load_vec(v + k * ldv + j * W);
+#pragma GCC unroll 8
+    for (int i = 0; i < R; ++i) {
+      const V ai = broadcast(a[i * lda + k]);
+#pragma GCC unroll 8
+      for (int j = 0; j < NV; ++j) acc[i][j] += ai * vk[j];
+    }
+  }
+}
+
 // out[m, t] = sum_c a[m * lda + c] * x[c * NV * lanes + t] for m < MB, t < NV * lanes (x packed).
 template <typename T, int MB, int NV>
 inline void rows_by_packed_block(const T* a, int64_t lda, const T* x, int64_t channels, T* out, int64_t ldo) {
   using V = vec_t<T>;
   constexpr int64_t W = kLanes<T>;
   V acc[MB][NV] = {};
-  for (int64_t c = 0; c < channels; ++c) {
-    V xv[NV];
-#pragma GCC unroll 8
-    for (int j = 0; j < NV; ++j) xv[j] = load_vec(x + (c * NV + j) * W);
-#pragma GCC unroll 8
-    for (int i = 0; i < MB; ++i) {
-      const V ai = broadcast(a[i * lda + c]);
-#pragma GCC unroll 8
-      for (int j = 0; j < NV; ++j) acc[i][j] += ai * xv[j];
-    }
-  }
+  add_outer_products<T, MB, NV>(acc, a, lda, x, NV * W, channels);
 #pragma GCC unroll 8
   for (int i = 0; i < MB; ++i)
 #pragma GCC unroll 8
@@ -171,13 +195,7 @@ void rows_by_tile(const T* a, int64_t lda, int64_t rows, const T* x, int64_t ldx
       });
     }
   };
-  int64_t t0 = 0;
-  for (; t0 + kPixelVectors * W <= n; t0 += kPixelVectors * W)
-    pixel_block(t0, std::integral_constant<int, kPixelVectors>{});
-  if (const int64_t vectors = (n - t0) / W; vectors > 0) {
-    with_block_size<kPixelVectors>(static_cast<int>(vectors), [&](auto nv) { pixel_block(t0, nv); });
-    t0 += vectors * W;
-  }
+  const int64_t t0 = for_each_pixel_block<T>(n, pixel_block);
   // The last n % lanes pixels, one at a time: reading a full vector there could leave the tensor.
   for (int64_t t = t0; t < n; ++t) {
     if (sumsq != nullptr) {
@@ -212,17 +230,7 @@ inline void cols_by_rows_block(const T* a, int64_t lda, int64_t rows, const T* w
 #pragma GCC unroll 8
       for (int j = 0; j < NV; ++j) __builtin_prefetch(x + (CB + i) * ldx + j * W);
   }
-  for (int64_t m = 0; m < rows; ++m) {
-    V wv[NV];
-#pragma GCC unroll 8
-    for (int j = 0; j < NV; ++j) wv[j] = load_vec(w + m * ldw + j * W);
-#pragma GCC unroll 8
-    for (int i = 0; i < CB; ++i) {
-      const V ai = broadcast(a[i * lda + m]);
-#pragma GCC unroll 8
-      for (int j = 0; j < NV; ++j) acc[i][j] += ai * wv[j];
-    }
-  }
+  add_outer_products<T, CB, NV>(acc, a, lda, w, ldw, rows);
 #pragma GCC unroll 8
   for (int i = 0; i < CB; ++i)
 #pragma GCC unroll 8
@@ -235,7 +243,6 @@ inline void cols_by_rows_block(const T* a, int64_t lda, int64_t rows, const T* w
 template <typename T>
 void cols_by_rows(const T* a, int64_t lda, int64_t rows, const T* w, int64_t ldw, int64_t channels,
                   int64_t n, T* out, int64_t ldo, const T* x, int64_t ldx, const T* coef) {
-  constexpr int64_t W = kLanes<T>;
   const auto pixel_block = [&](int64_t t0, auto nv) {
     for (int64_t c0 = 0; c0 < channels; c0 += kRowBlock) {
       with_block_size<kRowBlock>(static_cast<int>(std::min<int64_t>(kRowBlock, channels - c0)), [&](auto cb) {
@@ -248,13 +255,7 @@ void cols_by_rows(const T* a, int64_t lda, int64_t rows, const T* w, int64_t ldw
       });
     }
   };
-  int64_t t0 = 0;
-  for (; t0 + kPixelVectors * W <= n; t0 += kPixelVectors * W)
-    pixel_block(t0, std::integral_constant<int, kPixelVectors>{});
-  if (const int64_t vectors = (n - t0) / W; vectors > 0) {
-    with_block_size<kPixelVectors>(static_cast<int>(vectors), [&](auto nv) { pixel_block(t0, nv); });
-    t0 += vectors * W;
-  }
+  const int64_t t0 = for_each_pixel_block<T>(n, pixel_block);
   for (int64_t t = t0; t < n; ++t)
     for (int64_t c = 0; c < channels; ++c) {
       T s = 0;

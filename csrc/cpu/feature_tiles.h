@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
+#include <vector>
 
 namespace memkd::cpu {
 
@@ -127,6 +128,12 @@ bool tiles_in_place(const PixelLayout& l) {
   return std::is_same_v<scalar_t, acc_t> && l.stride_p == 1;
 }
 
+// A thread's conversion buffer for tiles of `tile` pixels of this map: empty when tiles are used in place.
+template <typename scalar_t, typename acc_t>
+std::vector<acc_t> tile_buffer(const PixelLayout& l, int64_t tile) {
+  return std::vector<acc_t>(tiles_in_place<scalar_t, acc_t>(l) ? 0 : l.channels * tile);
+}
+
 // The tile of pixels [p0, p0 + n) of image b to read: in place where possible, else converted
 // into buffer.
 template <typename scalar_t, typename acc_t>
@@ -154,7 +161,8 @@ void finish_output_tile(const Tile<acc_t>& tile, const PixelLayout& l, int64_t b
   if (!tiles_in_place<scalar_t, acc_t>(l)) store_tile(tile.data, l, b, p0, tile.n, data);
 }
 
-// inv_norm[t] = 1 / max(sqrt(sum_squares[t]), eps) and whether the norm was left unclamped.
+// inv_norm[t] = 1 / max(sqrt(sum_squares[t]), eps) and whether the norm was left unclamped;
+// inv_norm may be sum_squares.
 template <typename acc_t>
 void inverse_norms(const acc_t* sum_squares, int64_t n, acc_t* inv_norm, bool* unclamped) {
   for (int64_t t = 0; t < n; ++t) {
@@ -202,13 +210,8 @@ void pixel_cosine_terms(const scalar_t* fs, const PixelLayout& la, const scalar_
       inv_b[t] = sb;
     }
   }
-  for (int64_t t = 0; t < n; ++t) {
-    const acc_t na = std::sqrt(inv_a[t]), nb = std::sqrt(inv_b[t]);
-    ok_a[t] = na >= acc_t(kEps);
-    ok_b[t] = nb >= acc_t(kEps);
-    inv_a[t] = acc_t(1) / std::max(na, acc_t(kEps));
-    inv_b[t] = acc_t(1) / std::max(nb, acc_t(kEps));
-  }
+  inverse_norms(inv_a, n, inv_a, ok_a);  // in place: each t reads its sum before writing
+  inverse_norms(inv_b, n, inv_b, ok_b);
 }
 
 // dist[t] = 1 - cos(fs(b, :, p0 + t), ft(b, :, p0 + t)) for t < n; scratch holds 2 * n values, flags 2 * n.

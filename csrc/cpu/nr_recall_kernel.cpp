@@ -81,11 +81,10 @@ at::Tensor nr_recall_cpu(const at::Tensor& query_arg, const at::Tensor& keys,
     const acc_t* v_t = values_t.const_data_ptr<acc_t>();
     const scalar_t* q_data = query.const_data_ptr<scalar_t>();
     scalar_t* out_data = out.mutable_data_ptr<scalar_t>();
-    const bool q_in_place = tiles_in_place<scalar_t, acc_t>(q_layout);
-    const bool out_in_place = tiles_in_place<scalar_t, acc_t>(out_layout);
 
     at::parallel_for(0, batch * tiles_per_image, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> q_buffer(q_in_place ? 0 : channels * tile), out_buffer(out_in_place ? 0 : channels * tile);
+      std::vector<acc_t> q_buffer = tile_buffer<scalar_t, acc_t>(q_layout, tile);
+      std::vector<acc_t> out_buffer = tile_buffer<scalar_t, acc_t>(out_layout, tile);
       const int64_t ld = score_row_stride<acc_t>(tile);
       std::vector<acc_t> scores(items * ld), inv_norm(tile), col_max(tile), col_sum(tile);
       std::vector<acc_t> packed(packed_block_size<acc_t>(channels));
@@ -144,15 +143,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nr_recall_backward_cpu(
     const scalar_t* q_data = query.const_data_ptr<scalar_t>();
     const scalar_t* g_data = grad_out.const_data_ptr<scalar_t>();
     scalar_t* gq_data = grad_query.mutable_data_ptr<scalar_t>();
-    const int64_t q_buffer_size = tiles_in_place<scalar_t, acc_t>(q_layout) ? 0 : channels * tile;
-    const int64_t g_buffer_size = tiles_in_place<scalar_t, acc_t>(g_layout) ? 0 : channels * tile;
-    const int64_t gq_buffer_size = tiles_in_place<scalar_t, acc_t>(gq_layout) ? 0 : channels * tile;
-
     acc_t* grad_keys_hat_parts_data = grad_keys_hat_parts.mutable_data_ptr<acc_t>();
     acc_t* grad_values_parts_data = grad_values_parts.mutable_data_ptr<acc_t>();
 
     at::parallel_for(0, partitions, 1, [&](int64_t part_begin, int64_t part_end) {
-      std::vector<acc_t> q_buffer(q_buffer_size), g_buffer(g_buffer_size), gq_buffer(gq_buffer_size);
+      std::vector<acc_t> q_buffer = tile_buffer<scalar_t, acc_t>(q_layout, tile);
+      std::vector<acc_t> g_buffer = tile_buffer<scalar_t, acc_t>(g_layout, tile);
+      std::vector<acc_t> gq_buffer = tile_buffer<scalar_t, acc_t>(gq_layout, tile);
       const int64_t ld = score_row_stride<acc_t>(tile);
       std::vector<acc_t> scores(items * ld), weights(items * ld), grad_scores(items * ld);
       std::vector<acc_t> inv_norm(tile), col_a(tile), col_b(tile), packed(packed_block_size<acc_t>(channels));

@@ -153,6 +153,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nr_recall_backward_cpu(
       const int64_t ld = score_row_stride<acc_t>(tile);
       std::vector<acc_t> scores(items * ld), weights(items * ld), grad_scores(items * ld);
       std::vector<acc_t> inv_norm(tile), col_a(tile), col_b(tile), packed(packed_block_size<acc_t>(channels));
+      std::vector<acc_t> transposed(transposed_block_size<acc_t>(tile));
       std::unique_ptr<bool[]> unclamped(new bool[tile]);
       for (int64_t part = part_begin; part < part_end; ++part) {
         acc_t* grad_keys_hat_part = grad_keys_hat_parts_data + part * items * channels;
@@ -168,7 +169,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nr_recall_backward_cpu(
           inverse_norms(col_a.data(), n, inv_norm.data(), unclamped.get());
           scaled_softmax_columns(scores.data(), weights.data(), items, n, ld, inv_norm.data(), col_a.data(), col_b.data());
           // dV += W dO^T and dW = V dO.
-          add_rows_by_tile_t(weights.data(), ld, items, g.data, g.ld, channels, n, grad_values_part, channels);
+          add_rows_by_tile_t(weights.data(), ld, items, g.data, g.ld, channels, n, grad_values_part, channels,
+                             transposed.data());
           rows_by_tile(v, channels, items, g.data, g.ld, channels, n, grad_scores.data(), ld,
                        static_cast<acc_t*>(nullptr), packed.data());
           // Softmax backward dS = W * (dW - sum_l W * dW), kept as dS / |q|: the gradient of the raw
@@ -190,7 +192,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nr_recall_backward_cpu(
                        static_cast<const acc_t*>(q.data), q.ld, static_cast<const acc_t*>(col_b.data()));
           finish_output_tile(gq, gq_layout, b, p0, gq_data);
           // d(k/|k|) += (dS / |q|) q^T.
-          add_rows_by_tile_t(grad_scores.data(), ld, items, q.data, q.ld, channels, n, grad_keys_hat_part, channels);
+          add_rows_by_tile_t(grad_scores.data(), ld, items, q.data, q.ld, channels, n, grad_keys_hat_part, channels,
+                             transposed.data());
         }
       }
     });

@@ -7,7 +7,8 @@
 // - cols_by_rows ([C, L] x [L, n] -> [C, n], the output and the query gradient): written straight
 //   into the map with streaming stores, optionally starting from the normalisation-backward term.
 // - add_rows_by_tile_t ([L, n] x [n, C] accumulated into [L, C], the key and value gradients):
-//   both operands are read along their contiguous pixels, so nothing is transposed.
+//   each block of tile channels is transposed once by register shuffles and reused for every block
+//   of memory rows.
 // BLAS spent a quarter of the forward packing the tiles and zeroing the output, and copied the
 // tile again for every gradient product (perf, 1024 x 16 x 16).
 //
@@ -15,7 +16,6 @@
 // 4 x 3 accumulators of 8 floats) and narrower targets, through GCC/Clang vector extensions.
 #pragma once
 #include <algorithm>
-#include <bit>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -29,11 +29,11 @@ namespace memkd::cpu {
 #if defined(__AVX512F__)
 constexpr int kVectorBytes = 64;
 constexpr int kRowBlock = 5;      // memory rows (or tile channels) per register block
-constexpr int kPixelVectors = 4;  // pixel vectors per register block
+constexpr int kBlockVectors = 4;  // vectors per register block (of pixels; of channels in add_rows_by_tile_t)
 #else
 constexpr int kVectorBytes = 32;
 constexpr int kRowBlock = 4;
-constexpr int kPixelVectors = 3;
+constexpr int kBlockVectors = 3;
 #endif
 
 template <typename T>
@@ -80,16 +80,6 @@ inline void stream_vec(T* p, const vec_t<T>& v) {
   store_vec(p, v);
 }
 
-// The value, pinned to a register: GCC otherwise folds a load into every product that uses it, and
-// a block that reuses each loaded vector several times then waits on loads instead of arithmetic.
-template <typename V>
-inline V in_register(V v) {
-#if defined(__AVX__)  // where one register holds kVectorBytes
-  asm("" : "+v"(v));
-#endif
-  return v;
-}
-
 template <typename T>
 inline vec_t<T> broadcast(T x) {
   return x - vec_t<T>{};  // x - (+0) is x for every x, so this folds to a plain broadcast
@@ -105,14 +95,14 @@ inline void with_block_size(int k, F&& f) {
 }
 
 // Calls block(t0, std::integral_constant<int, NV>) over the pixels [0, n) in blocks of
-// kPixelVectors vectors, the last one shorter; returns where the pixels that fill no vector start.
+// kBlockVectors vectors, the last one shorter; returns where the pixels that fill no vector start.
 template <typename T, typename F>
 inline int64_t for_each_pixel_block(int64_t n, const F& block) {
   constexpr int64_t W = kLanes<T>;
   int64_t t0 = 0;
-  for (; t0 + kPixelVectors * W <= n; t0 += kPixelVectors * W) block(t0, std::integral_constant<int, kPixelVectors>{});
+  for (; t0 + kBlockVectors * W <= n; t0 += kBlockVectors * W) block(t0, std::integral_constant<int, kBlockVectors>{});
   if (const int64_t vectors = (n - t0) / W; vectors > 0) {
-    with_block_size<kPixelVectors>(static_cast<int>(vectors), [&](auto nv) { block(t0, nv); });
+    with_block_size<kBlockVectors>(static_cast<int>(vectors), [&](auto nv) { block(t0, nv); });
     t0 += vectors * W;
   }
   return t0;
@@ -176,7 +166,7 @@ inline void pack_pixel_block(const T* x, int64_t ldx, int64_t channels, T* packe
 // Scratch that rows_by_tile needs for a tile of the given channel count.
 template <typename T>
 constexpr int64_t packed_block_size(int64_t channels) {
-  return channels * kPixelVectors * kLanes<T>;
+  return channels * kBlockVectors * kLanes<T>;
 }
 
 // out[m, t] = sum_c a[m, c] x[c, t] for m < rows, t < n (a: [rows, C] with row stride lda; x: a
@@ -267,138 +257,100 @@ void cols_by_rows(const T* a, int64_t lda, int64_t rows, const T* w, int64_t ldw
 #endif
 }
 
-// One level of a transposing sum: lane i of the result adds the two halves of block i / (2 H) of
-// a (lanes whose position in their 2 H block is < H) or of b (the others).
+// One level of a block transpose: with H lanes per sub-block, a keeps its even sub-blocks and
+// takes b's even ones in place of its odd ones; b gets a's odd sub-blocks in place of its even ones.
 template <typename T, int H, int... I>
-inline vec_t<T> fold_pair(const vec_t<T>& a, const vec_t<T>& b, std::integer_sequence<int, I...>) {
+inline void swap_sub_blocks(vec_t<T>& a, vec_t<T>& b, std::integer_sequence<int, I...>) {
   constexpr int N = sizeof...(I);
-  constexpr auto low = [](int i) { const int base = i / (2 * H) * 2 * H, w = i % (2 * H); return w < H ? base + w : N + base + w - H; };
+  constexpr auto low = [](int p) { return (p & H) == 0 ? p : N + p - H; };
+  constexpr auto high = [](int p) { return (p & H) == 0 ? p + H : N + p; };
 #if defined(__clang__)
-  return __builtin_shufflevector(a, b, low(I)...) + __builtin_shufflevector(a, b, (low(I) + H)...);
+  const vec_t<T> a_new = __builtin_shufflevector(a, b, low(I)...);
+  b = __builtin_shufflevector(a, b, high(I)...);
 #else  // GCC before 12 lacks __builtin_shufflevector
   using Mask = typename VectorOf<T>::index_type;
-  return __builtin_shuffle(a, b, Mask{low(I)...}) + __builtin_shuffle(a, b, Mask{(low(I) + H)...});
+  const vec_t<T> a_new = __builtin_shuffle(a, b, Mask{low(I)...});
+  b = __builtin_shuffle(a, b, Mask{high(I)...});
 #endif
+  a = a_new;
 }
 
-template <typename T, int H>
-inline void fold_level(vec_t<T>* v) {
+// Transposes the lanes x lanes block whose rows are v[0..lanes) in log2(lanes) levels of shuffles.
+template <typename T, int H = kLanes<T> / 2>
+inline void transpose_block(vec_t<T>* v) {
   constexpr int N = kLanes<T>;
 #pragma GCC unroll 16
-  for (int k = 0; k < H; ++k) v[k] = fold_pair<T, H>(v[2 * k], v[2 * k + 1], std::make_integer_sequence<int, N>{});
-  if constexpr (H > 1) fold_level<T, H / 2>(v);
+  for (int i = 0; i < N; ++i)
+    if ((i & H) == 0) swap_sub_blocks<T, H>(v[i], v[i + H], std::make_integer_sequence<int, N>{});
+  if constexpr (H > 1) transpose_block<T, H / 2>(v);
 }
 
-constexpr int bit_reverse(int i, int bits) {
-  int r = 0;
-  for (int b = 0; b < bits; ++b) r |= ((i >> b) & 1) << (bits - 1 - b);
-  return r;
-}
-
-// Lane k of the result is the sum of the lanes of v[k]: log2(lanes) levels of shuffles and adds
-// instead of one horizontal reduction per vector. The levels leave the sums in bit-reversed order,
-// so the inputs go in bit-reversed order too.
-template <typename T>
-inline vec_t<T> transposing_sum(const vec_t<T>* v) {
-  constexpr int N = kLanes<T>, bits = std::countr_zero(static_cast<unsigned>(N));
-  vec_t<T> u[N];
-#pragma GCC unroll 16
-  for (int k = 0; k < N; ++k) u[bit_reverse(k, bits)] = v[k];
-  fold_level<T, N / 2>(u);
-  return u[0];
-}
-
-// Channels per block of add_rows_by_tile_t; its rows per block make up one vector of results.
-constexpr int kReducedChannels = 4;
-
-template <typename T>
-struct RowOf;
-template <>
-struct RowOf<float> {
-  typedef float type __attribute__((vector_size(kReducedChannels * sizeof(float))));
-};
-template <>
-struct RowOf<double> {
-  typedef double type __attribute__((vector_size(kReducedChannels * sizeof(double))));
-};
-
-// out[i * ldo + j] += sums[i * kReducedChannels + j] for every row i of the block, a short vector each.
-template <typename T, int... I>
-inline void add_block_rows(const vec_t<T>& sums, T* out, int64_t ldo, std::integer_sequence<int, I...>) {
-  using Row = typename RowOf<T>::type;
-  const auto add_row = [&](T* dst, Row r) {
-    Row current;
-    std::memcpy(&current, dst, sizeof(Row));
-    current += r;
-    std::memcpy(dst, &current, sizeof(Row));
-  };
-  const auto row_of_sums = [&](int i) {
-    Row r;
-    std::memcpy(&r, reinterpret_cast<const T*>(&sums) + i * kReducedChannels, sizeof(Row));
-    return r;
-  };
-  (add_row(out + I * ldo, row_of_sums(I)), ...);
-}
-
-template <typename T, int MB, int CB>
-inline void add_rows_by_tile_t_block(const T* w, int64_t ldw, const T* x, int64_t ldx, int64_t vectors,
-                                     T* out, int64_t ldo) {
+// packed[t * NV * lanes + c] = x[c * ldx + t] for t < n and c < NV * lanes, zero for c >= channels:
+// a [channels, n] block of a tile turned pixel-major, whole vectors by register transposes.
+template <typename T, int NV>
+inline void pack_transposed(const T* x, int64_t ldx, int channels, int64_t n, T* packed) {
   using V = vec_t<T>;
-  constexpr int64_t W = kLanes<T>;
-  constexpr int full_rows = W / kReducedChannels;
-  V acc[full_rows * kReducedChannels] = {};
-  for (int64_t k = 0; k < vectors; ++k) {
-    V wv[MB], xv[CB];
-#pragma GCC unroll 8
-    for (int i = 0; i < MB; ++i) wv[i] = in_register(load_vec(w + i * ldw + k * W));
-#pragma GCC unroll 8
-    for (int j = 0; j < CB; ++j) xv[j] = in_register(load_vec(x + j * ldx + k * W));
-#pragma GCC unroll 8
-    for (int i = 0; i < MB; ++i)
-#pragma GCC unroll 8
-      for (int j = 0; j < CB; ++j) acc[i * kReducedChannels + j] += wv[i] * xv[j];
+  constexpr int W = static_cast<int>(kLanes<T>);
+  constexpr int64_t width = NV * W;
+  const int full_vectors = channels / W;
+  const int64_t full_pixels = n / W * W;
+  for (int j = 0; j < full_vectors; ++j) {
+    for (int64_t t0 = 0; t0 < full_pixels; t0 += W) {
+      V v[W];
+#pragma GCC unroll 16
+      for (int r = 0; r < W; ++r) v[r] = load_vec(x + (j * W + r) * ldx + t0);
+      transpose_block<T>(v);
+#pragma GCC unroll 16
+      for (int r = 0; r < W; ++r) store_vec(packed + (t0 + r) * width + j * W, v[r]);
+    }
   }
-  const V sums = transposing_sum<T>(acc);
-  if constexpr (CB == kReducedChannels) {
-    add_block_rows<T>(sums, out, ldo, std::make_integer_sequence<int, MB>{});
-  } else {
-#pragma GCC unroll 8
-    for (int i = 0; i < MB; ++i)
-#pragma GCC unroll 8
-      for (int j = 0; j < CB; ++j) out[i * ldo + j] += sums[i * kReducedChannels + j];
+  for (int64_t t = 0; t < n; ++t) {  // the channels of a partial last vector, and the last n % lanes pixels
+    for (int c = t < full_pixels ? full_vectors * W : 0; c < width; ++c)
+      packed[t * width + c] = c < channels ? x[c * ldx + t] : T(0);
   }
+}
+
+// Scratch that add_rows_by_tile_t needs for tiles of up to n pixels.
+template <typename T>
+constexpr int64_t transposed_block_size(int64_t n) {
+  return n * kBlockVectors * kLanes<T>;
 }
 
 // out[m, c] += sum_t w[m, t] x[c, t] for m < rows, c < channels, t < n (w: [rows, n] with row stride
 // ldw; x: a [C, n] tile with row stride ldx; out: [rows, C] with row stride ldo): the key and value
-// gradients, reductions over the pixels of a tile. Both operands are read along their contiguous
-// pixels, so nothing is transposed or packed; each block ends in one transposing sum.
+// gradients, reductions over the pixels of a tile. Each block of channels is transposed once into
+// packed (transposed_block_size<T>(n) values), and the register blocks then run over the pixels
+// with channels along the vectors, like the other products. Reducing along the pixels instead (one
+// transposing sum per block of outputs) cost as much at 512-pixel tiles and more on shorter ones:
+// 1024 x 16 x 16 backward about 12% and 2048 x 8 x 8 about 35% slower (B = 16, 2 threads).
 template <typename T>
 void add_rows_by_tile_t(const T* w, int64_t ldw, int64_t rows, const T* x, int64_t ldx, int64_t channels,
-                        int64_t n, T* out, int64_t ldo) {
+                        int64_t n, T* out, int64_t ldo, T* packed) {
   constexpr int64_t W = kLanes<T>;
-  constexpr int full_rows = W / kReducedChannels;
-  const int64_t vectors = n / W;
-  if (vectors > 0) {
-    for (int64_t c0 = 0; c0 < channels; c0 += kReducedChannels) {
-      const int cb = static_cast<int>(std::min<int64_t>(kReducedChannels, channels - c0));
-      for (int64_t m0 = 0; m0 < rows; m0 += full_rows) {
-        const int mb = static_cast<int>(std::min<int64_t>(full_rows, rows - m0));
-        with_block_size<full_rows>(mb, [&](auto mbc) {
-          with_block_size<kReducedChannels>(cb, [&](auto cbc) {
-            add_rows_by_tile_t_block<T, decltype(mbc)::value, decltype(cbc)::value>(
-                w + m0 * ldw, ldw, x + c0 * ldx, ldx, vectors, out + m0 * ldo + c0, ldo);
-          });
+  for (int64_t c0 = 0; c0 < channels; c0 += kBlockVectors * W) {
+    const int cb = static_cast<int>(std::min<int64_t>(kBlockVectors * W, channels - c0));
+    with_block_size<kBlockVectors>(static_cast<int>((cb + W - 1) / W), [&](auto nv) {
+      constexpr int NV = decltype(nv)::value;
+      pack_transposed<T, NV>(x + c0 * ldx, ldx, cb, n, packed);
+      for (int64_t m0 = 0; m0 < rows; m0 += kRowBlock) {
+        with_block_size<kRowBlock>(static_cast<int>(std::min<int64_t>(kRowBlock, rows - m0)), [&](auto mb) {
+          constexpr int MB = decltype(mb)::value;
+          vec_t<T> acc[MB][NV] = {};
+          add_outer_products<T, MB, NV>(acc, w + m0 * ldw, ldw, packed, NV * W, n);
+#pragma GCC unroll 8
+          for (int i = 0; i < MB; ++i) {
+            T* o = out + (m0 + i) * ldo + c0;
+            if (cb == NV * W) {
+#pragma GCC unroll 8
+              for (int j = 0; j < NV; ++j) store_vec(o + j * W, load_vec(o + j * W) + acc[i][j]);
+            } else {
+              for (int c = 0; c < cb; ++c) o[c] += acc[i][c / W][c % W];
+            }
+          }
         });
       }
-    }
+    });
   }
-  for (int64_t m = 0; m < rows; ++m)  // the last n % lanes pixels
-    for (int64_t c = 0; c < channels; ++c) {
-      T s = 0;
-      for (int64_t t = vectors * W; t < n; ++t) s += w[m * ldw + t] * x[c * ldx + t];
-      out[m * ldo + c] += s;
-    }
 }
 
 }  // namespace memkd::cpu

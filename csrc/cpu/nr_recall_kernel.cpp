@@ -168,11 +168,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nr_recall_backward_cpu(
           rows_by_tile(kh, channels, items, q.data, q.ld, channels, n, scores.data(), ld, col_a.data(), packed.data());
           inverse_norms(col_a.data(), n, inv_norm.data(), unclamped.get());
           scaled_softmax_columns(scores.data(), weights.data(), items, n, ld, inv_norm.data(), col_a.data(), col_b.data());
-          // dV += W dO^T and dW = V dO.
-          add_rows_by_tile_t(weights.data(), ld, items, g.data, g.ld, channels, n, grad_values_part, channels,
-                             transposed.data());
+          // dW = V dO and dV += W dO^T, in this order: the first product prefetches as it reads dO.
           rows_by_tile(v, channels, items, g.data, g.ld, channels, n, grad_scores.data(), ld,
                        static_cast<acc_t*>(nullptr), packed.data());
+          add_rows_by_tile_t(weights.data(), ld, items, g.data, g.ld, channels, n, grad_values_part, channels,
+                             transposed.data());
           // Softmax backward dS = W * (dW - sum_l W * dW), kept as dS / |q|: the gradient of the raw
           // scores. coef = (q/|q| . d(q/|q|)) / |q|^2 = sum_l (dS / |q|) S / |q|^2, zero where |q| was clamped.
           std::fill(col_a.begin(), col_a.begin() + n, acc_t(0));

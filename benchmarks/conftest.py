@@ -120,7 +120,7 @@ def pytest_sessionfinish(session, exitstatus):
     if state is None:
         return
     results: report.Results = state["results"]
-    if not results.cases and not results.memory:
+    if not results.cases and not results.memory and not results.pairs:
         return
     settings = state["settings"]
     files = {Path(str(item.fspath)).name for item in session.items}

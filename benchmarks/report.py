@@ -16,6 +16,7 @@ import json
 import os
 import platform
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -65,6 +66,7 @@ class Results:
         self.memory: list[dict] = []
         self.facts: dict[str, object] = {}
         self.notes: list[str] = []
+        self.pairs: dict[str, dict] = {}
 
     def add_case(self, key: str, impl: str, stats, *, role: str, plan, device: str, items: int = 1, **info):
         """One timed case. ``stats``: pytest-benchmark's Stats (seconds per call). ``role``
@@ -100,6 +102,11 @@ class Results:
     def add_target(self, target: Target) -> None:
         self.targets[target.name] = target
 
+    def add_pairs(self, target_name: str, subject_s: list[float], baseline_s: list[float]) -> None:
+        """Round times of a target's subject and baseline measured alternately in one test; the
+        target's verdict then comes from these pairs instead of the two separate cases."""
+        self.pairs[target_name] = {"subject_s": list(subject_s), "baseline_s": list(baseline_s)}
+
     def note(self, text: str) -> None:
         if text not in self.notes:
             self.notes.append(text)
@@ -127,23 +134,27 @@ class Results:
     def target_verdicts(self) -> list[dict]:
         out = []
         for t in self.targets.values():
-            s, b = self.cases.get(t.subject), self.cases.get(t.baseline)
             row = {"name": t.name, "subject": t.subject, "baseline": t.baseline, "kind": t.kind, "threshold": t.threshold}
-            if s is None or b is None:
-                row.update(status="MISSING", why=f"not measured in this run: {t.subject if s is None else t.baseline}")
-            else:
-                if t.kind == "speedup":
-                    value, value_min = b["median_s"] / s["median_s"], b["min_s"] / s["min_s"]
-                    ok = value >= t.threshold
-                else:
-                    value, value_min = s["median_s"] / b["median_s"], s["min_s"] / b["min_s"]
-                    ok = value <= t.threshold
-                row.update(value=value, value_min=value_min)
-                if t.condition:
-                    row.update(status="N/A", why=t.condition)
-                else:
-                    row.update(status="PASS" if ok else "FAIL")
             out.append(row)
+            # ratio(subject time, baseline time): what the target compares
+            ratio = (lambda s, b: b / s) if t.kind == "speedup" else (lambda s, b: s / b)
+            pairs = self.pairs.get(t.name)
+            if pairs is not None:
+                # the median of the per-pair ratios: a burst of load falls on both halves of a pair
+                s_times, b_times = pairs["subject_s"], pairs["baseline_s"]
+                value = statistics.median(ratio(s, b) for s, b in zip(s_times, b_times))
+                row.update(method="pairs", pairs=len(s_times), value=value, value_min=ratio(min(s_times), min(b_times)))
+            else:
+                s, b = self.cases.get(t.subject), self.cases.get(t.baseline)
+                if s is None or b is None:
+                    row.update(status="MISSING", why=f"not measured in this run: {t.subject if s is None else t.baseline}")
+                    continue
+                row.update(method="cases", value=ratio(s["median_s"], b["median_s"]), value_min=ratio(s["min_s"], b["min_s"]))
+            ok = row["value"] >= t.threshold if t.kind == "speedup" else row["value"] <= t.threshold
+            if t.condition:
+                row.update(status="N/A", why=t.condition)
+            else:
+                row.update(status="PASS" if ok else "FAIL")
         return out
 
     def fits(self) -> list[dict]:
@@ -207,6 +218,7 @@ class Results:
             "bandwidth": self.bandwidth(),
             "memory": self.memory,
             "notes": self.notes,
+            "pairs": self.pairs,
             "cases": list(self.cases.values()),
         }
 
@@ -382,11 +394,16 @@ def markdown(p: dict, png_name: Optional[str]) -> str:
     out.append("Times are per call, median of the rounds (IQR, min, max beside it). Speedup = baseline time / subject time.\n")
 
     out.append("## Targets\n")
+    if any(t.get("method") == "pairs" for t in p["targets"]):
+        out.append("A target measured in interleaved pairs times its subject and baseline alternately in one test "
+                   "(subject first, then baseline first, and so on) and takes the median of the per-pair ratios, so "
+                   "that a burst of load on a shared machine falls on both; the others compare two separate cases.\n")
     rows = []
     for t in p["targets"]:
         cmp = ">=" if t["kind"] == "speedup" else "<="
         what = "speedup" if t["kind"] == "speedup" else "time ratio"
-        measured = f"{what} {t['value']:.2f} (min-based {t['value_min']:.2f})" if "value" in t else "-"
+        how = f"; {t['pairs']} interleaved pairs" if t.get("method") == "pairs" else ""
+        measured = f"{what} {t['value']:.2f} (min-based {t['value_min']:.2f}{how})" if "value" in t else "-"
         rows.append([t["name"], measured, f"{cmp} {t['threshold']}", f"**{t['status']}**" + (f" ({t['why']})" if t.get("why") else "")])
     out.append(_table(["target", "measured", "goal", "verdict"], rows) if rows else "No target cases ran.\n")
 

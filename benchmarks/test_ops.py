@@ -16,9 +16,13 @@ one shape only (forward, B=16, 512x32x32, against the reference); on a GPU quick
 forward at B=16 for every shape.
 
 Targets (CPU, 2 threads, B=16, L=50, fp32, the three stage shapes; the 2048x8x8 bottleneck shape
-is measured without a target): nr_recall forward >= 2x faster than the composite, forward+backward >= 4x; anomaly_map (three stages) >= 5x faster than the scipy composite.
+is measured without a target): nr_recall forward >= 2x faster than the composite, forward+backward
+>= 4x; anomaly_map (three stages) >= 5x faster than the scipy composite. ``test_target`` times each
+target's fused op and baseline in alternating rounds and judges the median per-pair ratio.
 """
 from __future__ import annotations
+
+import time
 
 import pytest
 import torch
@@ -144,17 +148,13 @@ NR_RECALL = {"fused": memkd.ops.nr_recall, "triton": memkd.ops.nr_recall,
              "reference": reference.nr_recall, "composite": nr_recall_composite}
 
 
-def test_nr_recall(device, shape, batch, pass_, dtype, impl, measure, results, settings):
+def test_nr_recall(device, shape, batch, pass_, dtype, impl, measure, settings):
     torch.manual_seed(0)
     c, h, w = shape
     query = torch.randn(batch, c, h, w, device=device, dtype=dtype)
     keys = torch.randn(MEMORY_ITEMS, c, device=device, dtype=dtype)
     values = torch.randn(MEMORY_ITEMS, c, device=device, dtype=dtype)
     key = op_key("nr_recall", pass_, batch, shape, dtype, device)
-    if device == "cpu" and dtype == FP32 and batch == 16 and shape in STAGE_SHAPES:  # the bottleneck is measured only
-        results.add_target(Target(
-            f"nr_recall {'forward' if pass_ == 'fwd' else 'forward+backward'} {c}x{h}x{w} B=16: fused vs composite",
-            case_id(key, "fused"), case_id(key, "composite"), "speedup", NR_RECALL_TARGETS[pass_], _target_condition(settings)))
     with cuda_backend(BACKEND[impl] if device == "cuda" and impl in SUBJECTS else None):
         run = _timed_call(NR_RECALL[impl], (query, keys, values), pass_)
         measure(run, key=key, impl=impl, kind=_kind(batch, pass_), role="subject" if impl in SUBJECTS else "baseline",
@@ -188,21 +188,66 @@ ANOMALY_MAP = {"fused": memkd.ops.anomaly_map, "triton": memkd.ops.anomaly_map,
                "reference": reference.anomaly_map, "scipy": anomaly_map_scipy}
 
 
-def test_anomaly_map(device, batch, dtype, impl, measure, results, settings):
+def test_anomaly_map(device, batch, dtype, impl, measure, settings):
     torch.manual_seed(0)
     student = [torch.randn(batch, *s, device=device, dtype=dtype) for s in STAGE_SHAPES]
     teacher = [torch.randn(batch, *s, device=device, dtype=dtype) for s in STAGE_SHAPES]
     key = anomaly_map_key(batch, dtype, device)
-    if device == "cpu" and dtype == FP32 and batch == 16:
-        results.add_target(Target(
-            "anomaly_map 3 stages -> 256x256 B=16: fused vs scipy composite",
-            case_id(key, "fused"), case_id(key, "scipy"), "speedup", ANOMALY_MAP_TARGET, _target_condition(settings)))
     fn = ANOMALY_MAP[impl]
     feature_bytes = sum(2 * f.numel() * f.element_size() for f in student)
     with cuda_backend(BACKEND[impl] if device == "cuda" and impl in SUBJECTS else None), torch.no_grad():
         measure(lambda: fn(student, teacher, (256, 256), 4.0), key=key, impl=impl, kind="op",
                 role="subject" if impl in SUBJECTS else "baseline", device=device, items=batch,
                 bytes=feature_bytes + batch * 256 * 256 * 4)
+
+
+# ---- the targets, in interleaved pairs ---------------------------------------------------------
+
+
+TARGET_CASES = [("nr_recall", shape, pass_) for shape in STAGE_SHAPES for pass_ in ("fwd", "fwdbwd")] + [("anomaly_map", None, "fwd")]
+
+
+def _alternating_rounds(subject, baseline, rounds: int, warmup: int) -> tuple[list[float], list[float]]:
+    """Round times of two calls run alternately, subject first in even rounds and baseline first in
+    odd ones, so that neither always follows the other."""
+    for _ in range(warmup):
+        subject()
+        baseline()
+    times = {subject: [], baseline: []}
+    for r in range(rounds):
+        for fn in ((subject, baseline) if r % 2 == 0 else (baseline, subject)):
+            start = time.perf_counter()
+            fn()
+            times[fn].append(time.perf_counter() - start)
+    return times[subject], times[baseline]
+
+
+@pytest.mark.parametrize("op,shape,pass_", TARGET_CASES,
+                         ids=[f"{op}-{pass_}" + (f"-C{s[0]}x{s[1]}x{s[2]}" if s else "") for op, s, pass_ in TARGET_CASES])
+def test_target(op, shape, pass_, results, settings):
+    """The CPU targets (2 threads, B=16, fp32): the fused op and its baseline timed in alternating
+    rounds of one test. The separate cases above give the tables; the verdicts come from these pairs."""
+    torch.manual_seed(0)
+    if op == "nr_recall":
+        c, h, w = shape
+        inputs = (torch.randn(16, c, h, w), torch.randn(MEMORY_ITEMS, c), torch.randn(MEMORY_ITEMS, c))
+        key = op_key("nr_recall", pass_, 16, shape, FP32, "cpu")
+        name = f"nr_recall {'forward' if pass_ == 'fwd' else 'forward+backward'} {c}x{h}x{w} B=16: fused vs composite"
+        baseline_impl, threshold = "composite", NR_RECALL_TARGETS[pass_]
+        subject = _timed_call(memkd.ops.nr_recall, inputs, pass_)
+        baseline = _timed_call(nr_recall_composite, inputs, pass_)
+    else:
+        student = [torch.randn(16, *s) for s in STAGE_SHAPES]
+        teacher = [torch.randn(16, *s) for s in STAGE_SHAPES]
+        key = anomaly_map_key(16, FP32, "cpu")
+        name, baseline_impl, threshold = "anomaly_map 3 stages -> 256x256 B=16: fused vs scipy composite", "scipy", ANOMALY_MAP_TARGET
+        subject = _timed_call(memkd.ops.anomaly_map, (student, teacher, (256, 256), 4.0), "fwd")
+        baseline = _timed_call(anomaly_map_scipy, (student, teacher, (256, 256), 4.0), "fwd")
+    plan = settings.plan("op_heavy" if pass_ == "fwdbwd" else "op")
+    rounds = settings.pick(15 if pass_ == "fwdbwd" else 21, 4 * plan.rounds)
+    results.add_target(Target(name, case_id(key, "fused"), case_id(key, baseline_impl), "speedup", threshold,
+                              _target_condition(settings)))
+    results.add_pairs(name, *_alternating_rounds(subject, baseline, rounds, plan.warmup))
 
 
 # ---- context ---------------------------------------------------------------------------------

@@ -77,6 +77,14 @@ GPU_PLANS = {
 }
 
 
+# Pairs per target (benchmarks/conftest.py::judge_in_pairs), by the kind of its calls: odd, so that
+# the median is one pair's ratio.
+PAIR_ROUNDS = {
+    "quick": {"op": 21, "op_heavy": 15, "e2e": 11, "train": 5},
+    "full": {"op": 61, "op_heavy": 31, "e2e": 31, "train": 11},
+}
+
+
 @dataclass(frozen=True)
 class Settings:
     full: bool
@@ -142,6 +150,21 @@ def shape_str(shape: Sequence[int]) -> str:
 
 
 # ---- timing helpers ---------------------------------------------------------------------------
+
+
+def alternating_rounds(subject: Callable, baseline: Callable, rounds: int, warmup: int) -> tuple[list[float], list[float]]:
+    """Round times of two calls run alternately, subject first in even rounds and baseline first in
+    odd ones, so that neither always follows the other."""
+    for _ in range(warmup):
+        subject()
+        baseline()
+    times: dict[Callable, list[float]] = {subject: [], baseline: []}
+    for r in range(rounds):
+        for fn in ((subject, baseline) if r % 2 == 0 else (baseline, subject)):
+            start = time.perf_counter()
+            fn()
+            times[fn].append(time.perf_counter() - start)
+    return times[subject], times[baseline]
 
 
 def synchronized(fn: Callable, device: str, every: int = 1) -> Callable:

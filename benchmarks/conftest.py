@@ -1,5 +1,6 @@
 """pytest wiring of the memkd benchmarks: options, the session's settings and results collector,
-the ``measure`` fixture (pytest-benchmark's ``pedantic`` with explicit rounds) and writing the
+the ``measure`` fixture (pytest-benchmark's ``pedantic`` with explicit rounds), the
+``judge_in_pairs`` fixture (a target's subject and baseline in alternating rounds) and writing the
 result files at session end.
 
     pytest benchmarks/                     quick mode (default): minutes on a 2-core CPU
@@ -19,7 +20,7 @@ import pytest
 import torch
 
 import report
-from benchlib import STATE as _STATE, Settings, malloc_setting, synchronized
+from benchlib import PAIR_ROUNDS, STATE as _STATE, Settings, alternating_rounds, malloc_setting, synchronized
 
 AREA_FILES = ("test_ops.py", "test_inference.py", "test_training.py", "test_memory.py", "test_scaling.py", "test_peers.py",
               "test_metrics.py")
@@ -107,6 +108,24 @@ def measure(benchmark, results, settings):
             return None
         results.add_case(key, impl, benchmark.stats.stats, role=role, plan=plan, device=device, items=items, **info)
         return benchmark.stats.stats
+
+    return run
+
+
+@pytest.fixture
+def judge_in_pairs(results, settings):
+    """Register ``target`` and time its ``subject`` and ``baseline`` calls in alternating rounds
+    (benchlib.PAIR_ROUNDS by ``kind``); the verdict is the median of the per-pair ratios. The two
+    cases ``target`` names are measured separately for the tables."""
+
+    def run(target: report.Target, subject, baseline, *, kind: str, device: str = "cpu") -> None:
+        plan = settings.plan(kind, device)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times = alternating_rounds(synchronized(subject, device), synchronized(baseline, device),
+                                   PAIR_ROUNDS[settings.mode][kind], plan.warmup)
+        results.add_target(target)
+        results.add_pairs(target.name, *times)
 
     return run
 

@@ -59,19 +59,25 @@ def pytest_generate_tests(metafunc):
 # ---- predict -----------------------------------------------------------------------------------
 
 
-def test_predict(method, backbone, batch, ops, model_cache, measure, results, settings):
+def test_predict(method, backbone, batch, ops, model_cache, measure, settings):
     model = model_cache(method, backbone)
     x = images(batch, 256, settings.device)
     key = e2e_key(method, backbone, batch, 256, settings.device)
-    if method == "memkd" and backbone == "wide_resnet50_2" and batch == 1 and ops == "kernels":
-        results.add_target(Target(
-            f"memkd per-image inference (WideResNet50, 256x256, {settings.device}) vs rd",
-            case_id(key, "kernels"), case_id(e2e_key("rd", backbone, 1, 256, settings.device), "kernels"),
-            "slowdown", MEMKD_VS_RD_PER_IMAGE))
     swap = reference_ops() if ops == "reference" else contextlib.nullcontext()
     with swap:
         measure(lambda: model.predict(x), key=key, impl=ops, kind="e2e", role="subject" if ops == "kernels" else "baseline",
                 device=settings.device, items=batch, method=method, backbone=backbone, batch=batch)
+
+
+def test_predict_target(model_cache, judge_in_pairs, settings):
+    """memkd against rd per image (WideResNet50, batch 1, the fused ops), judged in pairs."""
+    device, backbone = settings.device, "wide_resnet50_2"
+    memkd_model, rd_model = model_cache("memkd", backbone), model_cache("rd", backbone)
+    x = images(1, 256, device)
+    judge_in_pairs(Target(f"memkd per-image inference (WideResNet50, 256x256, {device}) vs rd",
+                          case_id(e2e_key("memkd", backbone, 1, 256, device), "kernels"),
+                          case_id(e2e_key("rd", backbone, 1, 256, device), "kernels"), "slowdown", MEMKD_VS_RD_PER_IMAGE),
+                   lambda: memkd_model.predict(x), lambda: rd_model.predict(x), kind="e2e", device=device)
 
 
 def test_reference_swap_reaches_every_op(settings):

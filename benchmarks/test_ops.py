@@ -22,8 +22,6 @@ target's fused op and baseline in alternating rounds and judges the median per-p
 """
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 
@@ -207,26 +205,10 @@ def test_anomaly_map(device, batch, dtype, impl, measure, settings):
 TARGET_CASES = [("nr_recall", shape, pass_) for shape in STAGE_SHAPES for pass_ in ("fwd", "fwdbwd")] + [("anomaly_map", None, "fwd")]
 
 
-def _alternating_rounds(subject, baseline, rounds: int, warmup: int) -> tuple[list[float], list[float]]:
-    """Round times of two calls run alternately, subject first in even rounds and baseline first in
-    odd ones, so that neither always follows the other."""
-    for _ in range(warmup):
-        subject()
-        baseline()
-    times = {subject: [], baseline: []}
-    for r in range(rounds):
-        for fn in ((subject, baseline) if r % 2 == 0 else (baseline, subject)):
-            start = time.perf_counter()
-            fn()
-            times[fn].append(time.perf_counter() - start)
-    return times[subject], times[baseline]
-
-
 @pytest.mark.parametrize("op,shape,pass_", TARGET_CASES,
                          ids=[f"{op}-{pass_}" + (f"-C{s[0]}x{s[1]}x{s[2]}" if s else "") for op, s, pass_ in TARGET_CASES])
-def test_target(op, shape, pass_, results, settings):
-    """The CPU targets (2 threads, B=16, fp32): the fused op and its baseline timed in alternating
-    rounds of one test. The separate cases above give the tables; the verdicts come from these pairs."""
+def test_target(op, shape, pass_, judge_in_pairs, settings):
+    """The CPU targets (2 threads, B=16, fp32), judged in pairs (conftest.judge_in_pairs)."""
     torch.manual_seed(0)
     if op == "nr_recall":
         c, h, w = shape
@@ -243,11 +225,8 @@ def test_target(op, shape, pass_, results, settings):
         name, baseline_impl, threshold = "anomaly_map 3 stages -> 256x256 B=16: fused vs scipy composite", "scipy", ANOMALY_MAP_TARGET
         subject = _timed_call(memkd.ops.anomaly_map, (student, teacher, (256, 256), 4.0), "fwd")
         baseline = _timed_call(anomaly_map_scipy, (student, teacher, (256, 256), 4.0), "fwd")
-    plan = settings.plan("op_heavy" if pass_ == "fwdbwd" else "op")
-    rounds = settings.pick(15 if pass_ == "fwdbwd" else 21, 4 * plan.rounds)
-    results.add_target(Target(name, case_id(key, "fused"), case_id(key, baseline_impl), "speedup", threshold,
-                              _target_condition(settings)))
-    results.add_pairs(name, *_alternating_rounds(subject, baseline, rounds, plan.warmup))
+    judge_in_pairs(Target(name, case_id(key, "fused"), case_id(key, baseline_impl), "speedup", threshold, _target_condition(settings)),
+                   subject, baseline, kind=_kind(16, pass_))
 
 
 # ---- context ---------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ Target: memkd per image faster than anomalib's RD (eager ``predict`` and compile
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import inspect
 
@@ -50,27 +51,44 @@ def anomalib_rd(results, settings):
         pytest.skip(f"anomalib ReverseDistillationModel unavailable: {exc}")
 
 
-@pytest.mark.parametrize("impl", ["memkd", "memkd-compiled", "memkd-rd", "anomalib-rd"])
-def test_reverse_distillation_peers(impl, anomalib_rd, model_cache, measure, results, settings):
+IMPLS = ("memkd", "memkd-compiled", "memkd-rd", "anomalib-rd")
+KEY = "peers/reverse-distillation/wide_resnet50_2/B1/256x256/{device}"
+
+
+@pytest.fixture(scope="module")
+def peer_calls(anomalib_rd, model_cache, settings):
+    """The timed call of each impl on one image, and what is known of it beside the time; built
+    once per module, since the compiled predictor compiles on its first call."""
+    x = images(1, 256, settings.device)
+    calls = {}
+    for impl in IMPLS:
+        info = {}
+        if impl == "anomalib-rd":
+            def run():
+                with torch.inference_mode():
+                    return anomalib_rd(x)
+        elif impl == "memkd-compiled":
+            run = functools.partial(CompiledPredictor(model_cache("memkd", "wide_resnet50_2")), x)
+            info["compile_s"] = first_call_seconds(run)
+        else:
+            run = functools.partial(model_cache("memkd" if impl == "memkd" else "rd", "wide_resnet50_2").predict, x)
+        calls[impl] = (run, info)
+    return calls
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_reverse_distillation_peers(impl, peer_calls, measure, settings):
+    run, info = peer_calls[impl]
+    measure(run, key=KEY.format(device=settings.device), impl=impl, kind="e2e",
+            role="baseline" if impl == "anomalib-rd" else "subject", device=settings.device, items=1, **info)
+
+
+@pytest.mark.parametrize("impl", ["memkd", "memkd-compiled"])
+def test_reverse_distillation_peers_target(impl, peer_calls, judge_in_pairs, settings):
+    """memkd per image (eager predict, and compiled) faster than anomalib's RD, judged in pairs."""
     device = settings.device
-    key = f"peers/reverse-distillation/wide_resnet50_2/B1/256x256/{device}"
-    x = images(1, 256, device)
-    info = {}
-    if impl == "anomalib-rd":
-        def run():
-            with torch.inference_mode():
-                return anomalib_rd(x)
-    elif impl == "memkd-compiled":
-        predictor = CompiledPredictor(model_cache("memkd", "wide_resnet50_2"))
-        run = lambda: predictor(x)  # noqa: E731
-        info["compile_s"] = first_call_seconds(run)
-    else:
-        model = model_cache("memkd" if impl == "memkd" else "rd", "wide_resnet50_2")
-        run = lambda: model.predict(x)  # noqa: E731
-    if impl in ("memkd", "memkd-compiled"):
-        how = "compiled (CompiledPredictor)" if impl == "memkd-compiled" else "eager predict"
-        results.add_target(Target(
-            f"memkd per-image inference, {how} (WideResNet50, 256x256, {device}) vs anomalib's RD",
-            case_id(key, impl), case_id(key, "anomalib-rd"), "speedup", 1.0))
-    measure(run, key=key, impl=impl, kind="e2e", role="baseline" if impl == "anomalib-rd" else "subject",
-            device=device, items=1, **info)
+    key = KEY.format(device=device)
+    how = "compiled (CompiledPredictor)" if impl == "memkd-compiled" else "eager predict"
+    judge_in_pairs(Target(f"memkd per-image inference, {how} (WideResNet50, 256x256, {device}) vs anomalib's RD",
+                          case_id(key, impl), case_id(key, "anomalib-rd"), "speedup", 1.0),
+                   peer_calls[impl][0], peer_calls["anomalib-rd"][0], kind="e2e", device=device)

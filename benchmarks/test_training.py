@@ -36,17 +36,25 @@ def pytest_generate_tests(metafunc):
     metafunc.parametrize("method,backbone,ops", cases, ids=["-".join(c) for c in cases])
 
 
-def test_training_step(method, backbone, ops, measure, results, settings):
+def test_training_step(method, backbone, ops, measure, settings):
     device = settings.device
     batch = train_batch(settings, backbone)
     step = training_step(build(method, backbone, 256, device), batch, batch, 256, device, ops == "kernels-cached")
 
     key = train_key(method, backbone, batch, batch, device)
-    if method == "memkd" and backbone == "wide_resnet50_2" and ops == "kernels-cached":
-        results.add_target(Target(
-            f"memkd training step, exemplar features cached (WideResNet50, B={batch}, N={batch}, {device}) vs rd",
-            case_id(key, ops), case_id(train_key("rd", backbone, batch, batch, device), "kernels"),
-            "slowdown", MEMKD_VS_RD_STEP))
     with reference_ops() if ops == "reference" else contextlib.nullcontext():
         measure(step, key=key, impl=ops, kind="train", role="baseline" if ops == "reference" else "subject",
                 device=device, items=batch, method=method, backbone=backbone, batch=batch, exemplars=batch)
+
+
+def test_training_step_target(judge_in_pairs, settings):
+    """The memkd step as the trainer runs it by default (exemplar features cached) against the rd
+    step (WideResNet50), judged in pairs."""
+    device, backbone = settings.device, "wide_resnet50_2"
+    batch = train_batch(settings, backbone)
+    memkd_step = training_step(build("memkd", backbone, 256, device), batch, batch, 256, device, True)
+    rd_step = training_step(build("rd", backbone, 256, device), batch, batch, 256, device, False)
+    judge_in_pairs(Target(f"memkd training step, exemplar features cached (WideResNet50, B={batch}, N={batch}, {device}) vs rd",
+                          case_id(train_key("memkd", backbone, batch, batch, device), "kernels-cached"),
+                          case_id(train_key("rd", backbone, batch, batch, device), "kernels"), "slowdown", MEMKD_VS_RD_STEP),
+                   memkd_step, rd_step, kind="train", device=device)

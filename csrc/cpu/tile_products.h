@@ -187,7 +187,8 @@ void rows_by_tile(const T* a, int64_t lda, int64_t rows, const T* x, int64_t ldx
     for (int64_t m0 = 0; m0 < rows; m0 += kRowBlock) {
       // The first NV row blocks fetch one vector each of every channel of the next pixel block (in
       // memory, also the start of the next tile), a line per step: the hardware prefetchers do not
-      // follow rows H * W floats apart, and a burst of prefetches up front is mostly dropped.
+      // follow rows H * W floats apart, and prefetching a block's lines in bursts between the row
+      // blocks did not help (measured).
       const int64_t row_block = m0 / kRowBlock;
       const T* next = row_block < NV ? x + t0 + (NV + row_block) * W : nullptr;
       with_block_size<kRowBlock>(static_cast<int>(std::min<int64_t>(kRowBlock, rows - m0)), [&](auto mb) {

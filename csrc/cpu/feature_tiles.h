@@ -67,9 +67,8 @@ inline double vector_exp(double x) { return std::exp(x); }
 // the image, and at least two tiles in all so that a single image still splits across threads. It
 // does not depend on the thread count, which keeps the gradient reductions the same for any count.
 // Splitting a lone image made the 2048x8x8 B=1 backward 25% faster on 2 threads (BLAS kernels).
-// With the register-blocked products (1 thread, best of 25, interleaved): 2 MiB / 1024 pixels was
-// no faster, 512 KiB made the 1024x16x16 backward 10-20% slower (its key and value gradients end
-// in one transposing sum per block, so they want long pixel runs).
+// With the register-blocked products (B=16, 2 threads, calls alternating in one process), tiles of
+// 128 KiB, 256 KiB, 512 KiB or 2 MiB were no faster at 512x32x32 and 1024x16x16.
 inline int64_t pixel_tile(int64_t channels, int64_t pixels, int64_t batch) {
   const int64_t t = std::clamp<int64_t>((262144 / std::max<int64_t>(channels, 1)) / 16 * 16, 16, 512);
   const int64_t split = batch == 1 ? ((pixels + 1) / 2 + 15) / 16 * 16 : pixels;

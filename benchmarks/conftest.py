@@ -124,8 +124,7 @@ def judge_in_pairs(results, settings):
             torch.cuda.synchronize()
         times = alternating_rounds(synchronized(subject, device), synchronized(baseline, device),
                                    PAIR_ROUNDS[settings.mode][kind], plan.warmup)
-        results.add_target(target)
-        results.add_pairs(target.name, *times)
+        results.add_target(target, *times)
 
     return run
 
@@ -139,7 +138,7 @@ def pytest_sessionfinish(session, exitstatus):
     if state is None:
         return
     results: report.Results = state["results"]
-    if not results.cases and not results.memory and not results.pairs:
+    if not results.cases and not results.memory and not results.targets:
         return
     settings = state["settings"]
     files = {Path(str(item.fspath)).name for item in session.items}

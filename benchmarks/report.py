@@ -3,7 +3,7 @@
 ``Results`` gathers every timed case (pytest-benchmark's statistics), memory probes, facts and
 notes; at session end conftest.py calls ``write`` for benchmarks/results/<tag>.json (atomically),
 <tag>.md and <tag>-scaling.png. Ratios, target verdicts and straight-line fits are derived here,
-from cases measured in the same run only.
+from cases (and, for targets, interleaved pairs) measured in the same run only.
 
 ``python benchmarks/report.py benchmarks/results/<tag>.json`` regenerates the Markdown and the plot
 from a JSON file.
@@ -42,7 +42,9 @@ PAPER = {
 
 @dataclass
 class Target:
-    """A goal checked against two cases of this run.
+    """A goal checked against the round times of a subject and a baseline timed alternately in one
+    test (Results.add_target); ``subject`` and ``baseline`` name the two separately measured cases
+    of the tables.
 
     kind "speedup": ``time(baseline) / time(subject) >= threshold``;
     kind "slowdown": ``time(subject) / time(baseline) <= threshold``.
@@ -99,13 +101,11 @@ class Results:
             **info,
         }
 
-    def add_target(self, target: Target) -> None:
+    def add_target(self, target: Target, subject_s: list[float], baseline_s: list[float]) -> None:
+        """A target with the round times of its subject and baseline, measured alternately in one
+        test (conftest.judge_in_pairs); its verdict comes from these pairs."""
         self.targets[target.name] = target
-
-    def add_pairs(self, target_name: str, subject_s: list[float], baseline_s: list[float]) -> None:
-        """Round times of a target's subject and baseline measured alternately in one test; the
-        target's verdict then comes from these pairs instead of the two separate cases."""
-        self.pairs[target_name] = {"subject_s": list(subject_s), "baseline_s": list(baseline_s)}
+        self.pairs[target.name] = {"subject_s": list(subject_s), "baseline_s": list(baseline_s)}
 
     def note(self, text: str) -> None:
         if text not in self.notes:
@@ -138,18 +138,10 @@ class Results:
             out.append(row)
             # ratio(subject time, baseline time): what the target compares
             ratio = (lambda s, b: b / s) if t.kind == "speedup" else (lambda s, b: s / b)
-            pairs = self.pairs.get(t.name)
-            if pairs is not None:
-                # the median of the per-pair ratios: a burst of load falls on both halves of a pair
-                s_times, b_times = pairs["subject_s"], pairs["baseline_s"]
-                value = statistics.median(ratio(s, b) for s, b in zip(s_times, b_times))
-                row.update(method="pairs", pairs=len(s_times), value=value, value_min=ratio(min(s_times), min(b_times)))
-            else:
-                s, b = self.cases.get(t.subject), self.cases.get(t.baseline)
-                if s is None or b is None:
-                    row.update(status="MISSING", why=f"not measured in this run: {t.subject if s is None else t.baseline}")
-                    continue
-                row.update(method="cases", value=ratio(s["median_s"], b["median_s"]), value_min=ratio(s["min_s"], b["min_s"]))
+            # the median of the per-pair ratios: a burst of load falls on both halves of a pair
+            s_times, b_times = self.pairs[t.name]["subject_s"], self.pairs[t.name]["baseline_s"]
+            value = statistics.median(ratio(s, b) for s, b in zip(s_times, b_times))
+            row.update(method="pairs", pairs=len(s_times), value=value, value_min=ratio(min(s_times), min(b_times)))
             ok = row["value"] >= t.threshold if t.kind == "speedup" else row["value"] <= t.threshold
             if t.condition:
                 row.update(status="N/A", why=t.condition)
@@ -397,7 +389,8 @@ def markdown(p: dict, png_name: Optional[str]) -> str:
     if any(t.get("method") == "pairs" for t in p["targets"]):
         out.append("A target measured in interleaved pairs times its subject and baseline alternately in one test "
                    "(subject first, then baseline first, and so on) and takes the median of the per-pair ratios, so "
-                   "that a burst of load on a shared machine falls on both; the others compare two separate cases.\n")
+                   "that a burst of load on a shared machine falls on both; results from before 2026-12-02 compared "
+                   "two separate cases.\n")
     rows = []
     for t in p["targets"]:
         cmp = ">=" if t["kind"] == "speedup" else "<="

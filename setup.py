@@ -1,19 +1,81 @@
-"""Builds memkd._C with CMake (see CMakeLists.txt) and packages memkd with its Triton kernels.
+"""Builds memkd's compiled modules with CMake (see CMakeLists.txt) and packages memkd with its
+Triton kernels. This file is also the project's PEP 517 build backend (pyproject.toml names it):
+setuptools' backend, except that torch is a build requirement only when the environment being
+installed into has no torch >= 2.10, so that a user's own torch (a CUDA build, say) is the one
+memkd is compiled against and is never replaced.
 
 Environment switches: MEMKD_CUDA=AUTO|ON|OFF (build the CUDA kernels; AUTO builds them when a CUDA
 toolkit and a CUDA-enabled torch are present), MEMKD_CUDA_ARCHS (default "80;90"),
-MEMKD_CPU_ARCH_FLAGS (default "-march=native"), MAX_JOBS (parallel compile jobs).
+MEMKD_CPU_ARCH_FLAGS (default empty: one CPU kernel build per x86-64 level, chosen at load time;
+set e.g. "-march=native" for a single build tied to this machine), MAX_JOBS (parallel compile jobs).
+
+The CMake build lives in build/cmake of the source tree and is never started afresh: a rebuild
+recompiles only what changed, and a build whose inputs (sources, torch build, Python, compiler,
+switches) equal those of the last one reuses its modules without running CMake at all.
 """
+import fcntl
+import hashlib
+import json
 import os
+import platform
 import shutil
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
-from setuptools import Extension, find_packages, setup
+from setuptools import Extension, build_meta, find_packages, setup
+from setuptools.build_meta import *  # noqa: F401,F403  (the rest of the PEP 517 backend)
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).parent.resolve()
+BUILD_DIR = ROOT / "build" / "cmake"
+TORCH_REQUIREMENT = "torch>=2.10"  # keep equal to the runtime bound in pyproject.toml
+SWITCHES = ("MEMKD_CUDA", "MEMKD_CUDA_ARCHS", "MEMKD_CPU_ARCH_FLAGS", "CUDA_HOME", "CUDA_PATH", "CXX", "CUDACXX")
+
+# Prints what CMake needs to know of a torch; run in a fresh interpreter with the target
+# environment's site-packages appended to sys.path, since pip's isolated build hides them.
+TORCH_QUERY = """
+import json, sys
+sys.path.extend(sys.argv[1:])
+import torch, torch.utils
+print(json.dumps({"version": torch.__version__, "git": torch.version.git_version,
+                  "cuda": torch.version.cuda or "", "cxx11_abi": int(torch._C._GLIBCXX_USE_CXX11_ABI),
+                  "cmake_prefix": torch.utils.cmake_prefix_path}))
+"""
+
+
+def target_site_packages() -> list[str]:
+    """The site-packages of the environment pip installs into (the interpreter running the build)."""
+    paths = sysconfig.get_paths()
+    return sorted({paths["purelib"], paths["platlib"]})
+
+
+def installed_torch_version() -> str | None:
+    """The version of the torch installed in the target environment, if any."""
+    from importlib.metadata import distributions
+
+    for dist in distributions(path=target_site_packages()):
+        if (dist.metadata["Name"] or "").lower() == "torch":
+            return dist.version
+    return None
+
+
+def torch_requirements() -> list[str]:
+    version = installed_torch_version()
+    if version is not None:
+        major_minor = tuple(int(part) for part in version.split("+")[0].split(".")[:2])
+        if major_minor >= (2, 10):
+            return []  # build against it, from the target environment
+    return [TORCH_REQUIREMENT]
+
+
+def get_requires_for_build_wheel(config_settings=None):
+    return build_meta.get_requires_for_build_wheel(config_settings) + torch_requirements()
+
+
+def get_requires_for_build_editable(config_settings=None):
+    return build_meta.get_requires_for_build_editable(config_settings) + torch_requirements()
 
 
 def cuda_compiler() -> str | None:
@@ -24,46 +86,118 @@ def cuda_compiler() -> str | None:
     return shutil.which("nvcc")
 
 
+def tool_version(*command: str) -> str:
+    try:
+        return subprocess.run(command, capture_output=True, text=True, check=False).stdout.strip()
+    except OSError:
+        return ""
+
+
+def build_inputs(torch_info: dict, nvcc: str | None) -> str:
+    """A digest of everything the compiled modules depend on."""
+    digest = hashlib.sha256()
+    for path in sorted([ROOT / "CMakeLists.txt", *(ROOT / "csrc").rglob("*")]):
+        if path.is_file():
+            digest.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes() + b"\0")
+    facts = {
+        "torch": {k: torch_info[k] for k in ("version", "git", "cuda", "cxx11_abi")},
+        "python": sys.version,
+        "soabi": sysconfig.get_config_var("EXT_SUFFIX"),
+        "cxx": tool_version(os.environ.get("CXX", "c++"), "--version"),
+        "nvcc": [nvcc, tool_version(nvcc, "--version") if nvcc else ""],
+        "switches": {var: os.environ.get(var) for var in SWITCHES},
+    }
+    digest.update(json.dumps(facts, sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+def cpu_variants() -> list[str]:
+    """The CPU kernel builds CMakeLists.txt makes (memkd._cpu_<variant>); keep the two in step."""
+    if os.environ.get("MEMKD_CPU_ARCH_FLAGS"):
+        return ["custom"]
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        return ["avx512", "avx2", "baseline"]
+    return ["baseline"]
+
+
 class CMakeExtension(Extension):
     def __init__(self, name: str):
         super().__init__(name, sources=[])
 
 
 class CMakeBuild(build_ext):
+    """One CMake build makes every module; each extension then copies its own file."""
+
+    built_in: Path | None = None
+
     def build_extension(self, ext: CMakeExtension) -> None:
-        out_dir = Path(self.get_ext_fullpath(ext.name)).parent.resolve()
-        build_dir = Path(self.build_temp).resolve() / "cmake"
-        build_dir.mkdir(parents=True, exist_ok=True)
+        if CMakeBuild.built_in is None:
+            CMakeBuild.built_in = self.build_all()
+        target = Path(self.get_ext_fullpath(ext.name))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        (module,) = CMakeBuild.built_in.glob(ext.name.rsplit(".", 1)[1] + ".*.so")
+        shutil.copy2(module, target)
+
+    def build_all(self) -> Path:
         mode = os.environ.get("MEMKD_CUDA", "AUTO").upper()
         if mode not in ("AUTO", "ON", "OFF"):
             raise ValueError(f"MEMKD_CUDA must be AUTO, ON or OFF, got {mode!r}")
+        site = target_site_packages()
+        query = subprocess.run([sys.executable, "-c", TORCH_QUERY, *site], capture_output=True, text=True)
+        if query.returncode != 0:
+            raise RuntimeError(f"memkd: cannot import torch to build against: {query.stderr.strip()}")
+        torch_info = json.loads(query.stdout)
+        nvcc = cuda_compiler() if mode != "OFF" else None
+        BUILD_DIR.mkdir(parents=True, exist_ok=True)
+        lib_dir = BUILD_DIR / "lib"
+        stamp = BUILD_DIR / "memkd-build-inputs.txt"
+        # Two builds in one tree (a developer's and a test's) must not run CMake at once.
+        with open(BUILD_DIR / "lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            inputs = build_inputs(torch_info, nvcc)
+            if stamp.exists() and stamp.read_text() == inputs and any(lib_dir.glob("*.so")):
+                print(f"memkd: the modules in {lib_dir} were built from the same inputs; reusing them")
+            else:
+                stamp.unlink(missing_ok=True)
+                self.run_cmake(site, nvcc, mode, lib_dir)
+                stamp.write_text(inputs)
+            # Copy out under the lock, so another build cannot replace them half-way.
+            staged = Path(self.build_temp).resolve() / "memkd-modules"
+            if staged.exists():
+                shutil.rmtree(staged)
+            shutil.copytree(lib_dir, staged)
+        return staged
+
+    def run_cmake(self, site: list[str], nvcc: str | None, mode: str, lib_dir: Path) -> None:
+        if lib_dir.exists():
+            shutil.rmtree(lib_dir)  # modules of variants no longer built must not be copied
+        ninja = shutil.which("ninja")
         args = [
-            # Every isolated pip build has a new, later deleted build environment: a configuration
-            # cached by an earlier `pip install .` points at its cmake and ninja, so start afresh.
-            "--fresh",
             f"-S{ROOT}",
-            f"-B{build_dir}",
+            f"-B{BUILD_DIR}",
             "-GNinja",
             f"-DPython_EXECUTABLE={sys.executable}",
-            f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir}",
+            f"-DMEMKD_TORCH_SEARCH_PATH={os.pathsep.join(site)}",
+            f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={lib_dir}",
             f"-DMEMKD_CUDA={mode}",
             "-DCMAKE_BUILD_TYPE=Release",
+            # An earlier isolated build ran cmake and ninja from its own, since deleted,
+            # environment: name the current ones so the cached configuration follows.
+            *([f"-DCMAKE_MAKE_PROGRAM={ninja}"] if ninja else []),
         ]
-        nvcc = cuda_compiler()
-        if nvcc and mode != "OFF":
+        if nvcc:
             args.append(f"-DCMAKE_CUDA_COMPILER={nvcc}")
         for var in ("MEMKD_CUDA_ARCHS", "MEMKD_CPU_ARCH_FLAGS"):
-            if var in os.environ:
-                args.append(f"-D{var}={os.environ[var]}")
+            args.append(f"-D{var}={os.environ.get(var, '')}" if var in os.environ else f"-U{var}")
         subprocess.run(["cmake", *args], check=True)
         jobs = os.environ.get("MAX_JOBS", str(os.cpu_count() or 1))
-        subprocess.run(["cmake", "--build", str(build_dir), "-j", jobs], check=True)
+        subprocess.run(["cmake", "--build", str(BUILD_DIR), "-j", jobs], check=True)
 
 
-
-setup(
-    packages=[*find_packages(include=["memkd", "memkd.*"]), "memkd.kernels"],
-    package_dir={"memkd.kernels": "kernels"},
-    ext_modules=[CMakeExtension("memkd._C")],
-    cmdclass={"build_ext": CMakeBuild},
-)
+if __name__ == "__main__":  # run by setuptools' backend (and by `python setup.py ...`)
+    setup(
+        packages=[*find_packages(include=["memkd", "memkd.*"]), "memkd.kernels"],
+        package_dir={"memkd.kernels": "kernels"},
+        ext_modules=[CMakeExtension(f"memkd.{name}") for name in ["_C", *(f"_cpu_{v}" for v in cpu_variants())]],
+        cmdclass={"build_ext": CMakeBuild},
+    )

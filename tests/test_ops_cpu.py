@@ -289,7 +289,7 @@ def test_extension_is_compiled_with_openmp():
 
     if not _library.EXTENSION.loaded:
         pytest.skip("the compiled extension is not loaded")
-    path = importlib.util.find_spec("memkd._C").origin
+    path = importlib.util.find_spec(f"memkd._cpu_{_library.EXTENSION.cpu_variant}").origin
     with open(path, "rb") as f:
         assert b"GOMP_parallel" in f.read(), f"{path} was built without OpenMP"
 

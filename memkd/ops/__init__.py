@@ -135,7 +135,7 @@ def backends() -> dict[str, dict[str, str]]:
     """For each op, the backend serving it on each device type and why, e.g.
     ``{"nr_recall": {"cpu": "cpp (...)", "cuda": "triton (...)"}}``."""
     ext = _library.EXTENSION
-    cpu = "cpp (fused C++ kernels in memkd._C)" if ext.loaded else f"reference ({ext.reason})"
+    cpu = f"cpp ({ext.reason})" if ext.loaded else f"reference ({ext.reason})"
     cuda_seen = torch.cuda.is_available()
     report = {}
     for op in _OP_FAMILIES:

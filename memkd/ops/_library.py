@@ -59,14 +59,54 @@ class ExtensionStatus:
     reason: str
     cuda_kernels: bool = False
     build_info: dict = field(default_factory=dict)
+    cpu_variant: str = ""  # which build of the CPU kernels serves (memkd._cpu_<variant>)
+
+
+# The CPU kernel builds (see CMakeLists.txt) and the instructions each one is compiled for.
+CPU_VARIANTS = {
+    "avx512": "AVX-512 (x86-64-v4)",
+    "avx2": "AVX2 + FMA (x86-64-v3)",
+    "baseline": "baseline instructions",
+    "custom": "MEMKD_CPU_ARCH_FLAGS of the build",
+}
 
 
 def read_build_info(path: Path) -> dict[str, str]:
-    """The build facts stamped into memkd._C (see csrc/module.cpp), read without loading it."""
+    """The build facts stamped into memkd's modules (see csrc/module.cpp), read without loading."""
     match = re.search(rb"MEMKD_BUILD_INFO\{([^}]*)\}", path.read_bytes())
     if match is None:
         return {}
     return dict(item.split("=", 1) for item in match.group(1).decode().split(",") if "=" in item)
+
+
+def rebuild_command() -> str:
+    """What to run to rebuild memkd's modules for the torch now installed (never replacing it)."""
+    source = Path(__file__).resolve().parents[2]
+    if (source / "setup.py").is_file() and (source / "csrc").is_dir():  # an editable install
+        return f"python3 -m pip install --no-deps --force-reinstall -e {source}"
+    return "python3 -m pip install --no-deps --force-reinstall <memkd source directory>"
+
+
+def choose_cpu_variant(built: list[str], runnable: tuple[str, ...]) -> tuple[str | None, str]:
+    """The CPU kernel build to load, and why: MEMKD_CPU_VARIANT if set and runnable, else the best
+    one this processor runs. A build with MEMKD_CPU_ARCH_FLAGS ("custom") is the only one made and
+    is loaded as it is."""
+    if built == ["custom"]:
+        return "custom", "built with MEMKD_CPU_ARCH_FLAGS"
+    usable = [v for v in runnable if v in built]
+    requested = os.environ.get("MEMKD_CPU_VARIANT", "")
+    if requested:
+        if requested in usable:
+            return requested, "chosen with MEMKD_CPU_VARIANT"
+        warnings.warn(
+            f"memkd: MEMKD_CPU_VARIANT={requested!r} ignored: expected one of {usable} "
+            f"(built: {built}; this processor runs: {list(runnable)})",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    if not usable:
+        return None, f"no CPU kernel build runs on this processor (built: {built}; runnable: {list(runnable)})"
+    return usable[0], "the best build this processor runs"
 
 
 def _load_extension() -> ExtensionStatus:
@@ -74,7 +114,7 @@ def _load_extension() -> ExtensionStatus:
         return ExtensionStatus(False, "disabled by MEMKD_NO_EXTENSION")
     spec = importlib.util.find_spec("memkd._C")
     if spec is None:
-        return ExtensionStatus(False, "memkd._C is not built (install with `pip install .`)")
+        return ExtensionStatus(False, "memkd._C is not built (install memkd from source with `pip install .`)")
     try:
         info = read_build_info(Path(spec.origin))
     except OSError as exc:
@@ -83,13 +123,28 @@ def _load_extension() -> ExtensionStatus:
         return ExtensionStatus(
             False,
             f"memkd._C was built against torch {info.get('torch', '(unknown)')} but torch "
-            f"{torch.__version__} is installed; rebuild with `pip install .`",
+            f"{torch.__version__} is installed; rebuild it for this torch with `{rebuild_command()}`",
         )
     try:
-        importlib.import_module("memkd._C")
+        module = importlib.import_module("memkd._C")
+        variant, why = choose_cpu_variant(info.get("cpu", "").split("+"), module.runnable_cpu_variants())
+        if variant is None:
+            return ExtensionStatus(False, why, build_info=info)
+        importlib.import_module(f"memkd._cpu_{variant}")
     except (ImportError, OSError) as exc:
-        return ExtensionStatus(False, f"memkd._C failed to load: {exc}")
-    return ExtensionStatus(True, "compiled extension", info.get("cuda") == "1", info)
+        return ExtensionStatus(False, f"memkd's compiled modules failed to load: {exc}", build_info=info)
+    return ExtensionStatus(
+        True, f"compiled kernels, CPU build {variant}: {CPU_VARIANTS[variant]}, {why}", info.get("cuda") == "1", info,
+        variant,
+    )
+
+
+def _op_is_defined(name: str) -> bool:
+    try:
+        getattr(torch.ops.memkd, name)
+    except (AttributeError, RuntimeError):
+        return False
+    return True
 
 
 EXTENSION = _load_extension()
@@ -102,11 +157,14 @@ if not EXTENSION.loaded:
         RuntimeWarning,
         stacklevel=2,
     )
-    _fallback_lib = torch.library.Library("memkd", "DEF")  # noqa: TOR901
+    # memkd._C may have loaded, defining the schemas (and CUDA kernels), though no CPU build could.
+    _fallback_lib = torch.library.Library("memkd", "FRAGMENT")  # noqa: TOR901
     for _name, _schema in SCHEMAS.items():
-        _fallback_lib.define(_schema)
+        if not _op_is_defined(_name):
+            _fallback_lib.define(_schema)
         for _key in ("CPU", "CUDA"):
-            _fallback_lib.impl(_name, REFERENCE_KERNELS[_name], _key)
+            if not torch._C._dispatch_has_kernel_for_dispatch_key(f"memkd::{_name}", _key):
+                _fallback_lib.impl(_name, REFERENCE_KERNELS[_name], _key)
 
 
 def has_kernel(op: str, dispatch_key: str) -> bool:

@@ -234,13 +234,40 @@ def build_parser() -> argparse.ArgumentParser:
         "An image is anomalous when its score > threshold; the threshold comes from the checkpoint (stored by "
         "`memkd train` / `memkd test`) unless --threshold is given.",
     )
-    predict.add_argument("checkpoint", type=Path, help="run directory or checkpoint file")
+    predict.add_argument("checkpoint", type=Path, help="run directory, checkpoint file, or export directory (`memkd export`)")
     predict.add_argument("images", type=Path, nargs="+", help="image files or folders")
     predict.add_argument("--out", type=Path, required=True, help="output folder")
     predict.add_argument("--threshold", type=_finite_float, default=None, help="decision threshold (default: the checkpoint's)")
     predict.add_argument("--batch-size", type=_positive_int, default=16, help="images per batch")
     predict.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     _add_common(predict)
+
+    # export
+    from memkd.deploy import FORMATS, INPUT_KINDS
+
+    export = _add_command(
+        commands,
+        "export",
+        cmd_export,
+        summary="export a checkpoint for deployment: ONNX, OpenVINO or an AOTInductor package",
+        description="Export the whole inference path (normalisation, teacher, student with memories, anomaly map, "
+        "score, and the decision with the checkpoint's stored threshold) to --out, with memkd_export.json beside the "
+        "model (input, mean/std, threshold, versions). ONNX and OpenVINO hold standard operators only and run with "
+        "memkd.deploy (numpy, Pillow and the runtime; no torch); `memkd predict OUT` scores images with it. Needs "
+        'the export extra: pip install "memkd[export]".',
+    )
+    export.add_argument("run_dir", type=Path, help="run directory (checkpoint) to export")
+    export.add_argument("--format", choices=FORMATS, required=True, help="onnx, openvino (IR, fp32) or aoti (AOTInductor .pt2, fused memkd kernels)")
+    export.add_argument("--out", type=Path, required=True, help="export directory (written to a temporary folder, then moved into place)")
+    export.add_argument(
+        "--input",
+        choices=INPUT_KINDS,
+        default="raw",
+        help="what the exported model takes: raw = uint8 RGB [B, H, W, 3] at the input size (normalised inside the "
+        "model); normalized = float32 [B, 3, H, W] already normalised with the model's mean/std",
+    )
+    export.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
+
 
     # info
     info = _add_command(
@@ -448,8 +475,13 @@ def cmd_test(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    from memkd.deploy import is_export_dir
     from memkd.evaluation import collect_images, predict_images
 
+    if (args.out / "predictions.csv").is_file():
+        _print(f"{args.out} holds the predictions.csv of an earlier run: it is replaced by this run's")
+    if is_export_dir(args.checkpoint):
+        return _predict_with_export(args)
     found = find_checkpoints(args.checkpoint)
     if found[0][0] is not None:
         raise CommandError(
@@ -475,14 +507,37 @@ def cmd_predict(args: argparse.Namespace) -> int:
         progress=args.progress,
         compile=args.compile,
     )
+    return _report_predictions(args, csv_path, rows, float(threshold), "the checkpoint")
+
+
+def _predict_with_export(args: argparse.Namespace) -> int:
+    """``memkd predict EXPORT_DIR``: the export's runtime scores the images (memkd.deploy)."""
+    from memkd.export import predict_with_export
+
+    csv_path, rows, threshold = predict_with_export(
+        args.checkpoint, args.images, args.out, args.threshold, batch_size=args.batch_size, progress=args.progress
+    )
+    return _report_predictions(args, csv_path, rows, threshold, "the export")
+
+
+def _report_predictions(args: argparse.Namespace, csv_path: Path, rows: list, threshold: float, stored_in: str) -> int:
     anomalous = sum(r["decision"] == "anomalous" for r in rows)
     errors = [r for r in rows if r["decision"] == "error"]
-    source = "--threshold" if args.threshold is not None else "the checkpoint"
-    _print(f"{len(rows)} image(s): {anomalous} anomalous, {len(rows) - anomalous - len(errors)} normal (threshold {float(threshold):.6g} from {source})")
+    source = "--threshold" if args.threshold is not None else stored_in
+    _print(f"{len(rows)} image(s): {anomalous} anomalous, {len(rows) - anomalous - len(errors)} normal (threshold {threshold:.6g} from {source})")
     for row in errors:
         _print(f"could not read {row['path']}: {row['error']}")
     _print(f"wrote {csv_path} and {len(rows) - len(errors)} heatmap(s) in {args.out}")
     return 0 if not errors else EXIT_ERROR
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from memkd.export import export_run
+
+    out = export_run(args.run_dir, args.format, args.out, input_kind=args.input)
+    _print(f"wrote a {args.format} export to {out} (input: {args.input}; see {out / 'memkd_export.json'})")
+    return 0
+
 
 
 def info_lines() -> list[str]:

@@ -600,19 +600,29 @@ def predict_images(
         for amap, score, original, error in zip(maps, scores, batch["original"], batch["error"]):
             path, name = files[len(rows)]
             if error:
-                rows.append({"path": str(path), "score": "", "decision": "error", "threshold": threshold, "heatmap": "", "error": error})
+                rows.append(prediction_row(path, None, threshold, "", error))
                 continue
             vrange = tuple(heatmap_range) if heatmap_range else (float(amap.min()), float(amap.max()) + 1e-6)
             heatmap = f"{name}_heatmap.png"
             reports.write_png(out_dir / heatmap, reports.overlay(original, amap, *vrange))
-            decision = "anomalous" if float(score) > threshold else "normal"
-            rows.append({"path": str(path), "score": float(score), "decision": decision, "threshold": threshold, "heatmap": heatmap, "error": ""})
+            rows.append(prediction_row(path, float(score), threshold, heatmap, ""))
         bar.update(len(maps))
     bar.close()
-    header = ["path", "score", "decision", "threshold", "heatmap", "error"]
-    csv_path = reports.write_csv(
-        out_dir / csv_name,
-        header,
-        ([r[k] if k != "score" or r[k] == "" else f"{r[k]:.8g}" for k in header] for r in rows),
-    )
-    return csv_path, rows
+    return write_predictions_csv(out_dir / csv_name, rows), rows
+
+
+PREDICTIONS_CSV_HEADER = ("path", "score", "decision", "threshold", "heatmap", "error")
+
+
+def prediction_row(path: PathLike, score: Optional[float], threshold: float, heatmap: str, error: str) -> dict[str, Any]:
+    """One row of predictions.csv: decision "anomalous" when score > threshold, "error" without a score."""
+    if score is None:
+        return {"path": str(path), "score": "", "decision": "error", "threshold": threshold, "heatmap": "", "error": error}
+    decision = "anomalous" if score > threshold else "normal"
+    return {"path": str(path), "score": score, "decision": decision, "threshold": threshold, "heatmap": heatmap, "error": ""}
+
+
+def write_predictions_csv(path: Path, rows: Sequence[dict[str, Any]]) -> Path:
+    """predictions.csv (``PREDICTIONS_CSV_HEADER``; scores to 8 significant digits), written atomically."""
+    header = PREDICTIONS_CSV_HEADER
+    return reports.write_csv(path, header, ([r[k] if k != "score" or r[k] == "" else f"{r[k]:.8g}" for k in header] for r in rows))

@@ -16,15 +16,12 @@ import torch
 from PIL import Image
 
 from memkd.data.errors import DatasetError
+from memkd.images import ImageReadError, normalized_pixels, read_rgb, resized_pixels
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 ImageSize = Union[int, Sequence[int]]
-
-# PIL modes that convert("RGB") maps faithfully; 16-bit grayscale is rescaled by hand.
-_RGB_CONVERTIBLE_MODES = {"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"}
-_SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L"}
 
 
 def as_size(image_size: ImageSize) -> tuple[int, int]:
@@ -38,16 +35,9 @@ def as_size(image_size: ImageSize) -> tuple[int, int]:
 def read_image(path: Path) -> Image.Image:
     """The image at ``path`` as an RGB PIL image (grayscale is replicated to three channels)."""
     try:
-        with Image.open(path) as image:
-            image.load()
-    except (OSError, ValueError) as error:
-        raise DatasetError(f"cannot read image {path}: {error}") from error
-    if image.mode in _SIXTEEN_BIT_MODES:
-        eight_bit = (np.asarray(image, dtype=np.float32) * (255.0 / 65535.0)).round().astype(np.uint8)
-        image = Image.fromarray(eight_bit)
-    elif image.mode not in _RGB_CONVERTIBLE_MODES:
-        raise DatasetError(f"unsupported image mode {image.mode!r} in {path}")
-    return image.convert("RGB")
+        return read_rgb(path)
+    except ImageReadError as error:
+        raise DatasetError(str(error)) from error
 
 
 def read_mask(path: Path) -> np.ndarray:
@@ -64,10 +54,7 @@ def read_mask(path: Path) -> np.ndarray:
 
 def image_to_tensor(image: Image.Image, size: tuple[int, int]) -> torch.Tensor:
     """An RGB PIL image as a normalised float32 [3, H, W] tensor of the given (height, width)."""
-    height, width = size
-    resized = image.resize((width, height), Image.BILINEAR)
-    pixels = np.asarray(resized, dtype=np.float32) / 255.0
-    pixels = (pixels - np.asarray(IMAGENET_MEAN, np.float32)) / np.asarray(IMAGENET_STD, np.float32)
+    pixels = normalized_pixels(resized_pixels(image, size), IMAGENET_MEAN, IMAGENET_STD)
     return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
 
 

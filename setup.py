@@ -9,7 +9,7 @@ toolkit and a CUDA-enabled torch are present), MEMKD_CUDA_ARCHS (default "80;90"
 MEMKD_CPU_ARCH_FLAGS (default empty: one CPU kernel build per x86-64 level, chosen at load time;
 set e.g. "-march=native" for a single build tied to this machine), MAX_JOBS (parallel compile jobs).
 
-The CMake build lives in build/cmake of the source tree and is never started afresh: a rebuild
+The CMake build lives in build/cmake-<environment> of the source tree and is never started afresh: a rebuild
 recompiles only what changed, and a build whose inputs (sources, torch build, Python, compiler,
 switches) equal those of the last one reuses its modules without running CMake at all.
 """
@@ -29,7 +29,6 @@ from setuptools.build_meta import *  # noqa: F401,F403  (the rest of the PEP 517
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).parent.resolve()
-BUILD_DIR = ROOT / "build" / "cmake"
 TORCH_REQUIREMENT = "torch>=2.10"  # keep equal to the runtime bound in pyproject.toml
 SWITCHES = ("MEMKD_CUDA", "MEMKD_CUDA_ARCHS", "MEMKD_CPU_ARCH_FLAGS", "CUDA_HOME", "CUDA_PATH", "CXX", "CUDACXX")
 
@@ -120,6 +119,13 @@ def cpu_variants() -> list[str]:
     return ["baseline"]
 
 
+def build_directory(torch_info: dict) -> Path:
+    """build/cmake-<environment>: one CMake build per environment and torch, so that installing
+    into a second environment does not make the first one's next rebuild start over."""
+    key = hashlib.sha256(f"{sys.prefix}\0{torch_info['version']}".encode()).hexdigest()[:10]
+    return ROOT / "build" / f"cmake-py{sys.version_info[0]}{sys.version_info[1]}-{key}"
+
+
 class CMakeExtension(Extension):
     def __init__(self, name: str):
         super().__init__(name, sources=[])
@@ -148,18 +154,19 @@ class CMakeBuild(build_ext):
             raise RuntimeError(f"memkd: cannot import torch to build against: {query.stderr.strip()}")
         torch_info = json.loads(query.stdout)
         nvcc = cuda_compiler() if mode != "OFF" else None
-        BUILD_DIR.mkdir(parents=True, exist_ok=True)
-        lib_dir = BUILD_DIR / "lib"
-        stamp = BUILD_DIR / "memkd-build-inputs.txt"
-        # Two builds in one tree (a developer's and a test's) must not run CMake at once.
-        with open(BUILD_DIR / "lock", "w") as lock:
+        build_dir = build_directory(torch_info)
+        build_dir.mkdir(parents=True, exist_ok=True)
+        lib_dir = build_dir / "lib"
+        stamp = build_dir / "memkd-build-inputs.txt"
+        # Two builds into one environment (a developer's and a test's) must not run CMake at once.
+        with open(build_dir / "lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             inputs = build_inputs(torch_info, nvcc)
             if stamp.exists() and stamp.read_text() == inputs and any(lib_dir.glob("*.so")):
                 print(f"memkd: the modules in {lib_dir} were built from the same inputs; reusing them")
             else:
                 stamp.unlink(missing_ok=True)
-                self.run_cmake(site, nvcc, mode, lib_dir)
+                self.run_cmake(build_dir, site, nvcc, mode, lib_dir)
                 stamp.write_text(inputs)
             # Copy out under the lock, so another build cannot replace them half-way.
             staged = Path(self.build_temp).resolve() / "memkd-modules"
@@ -168,13 +175,13 @@ class CMakeBuild(build_ext):
             shutil.copytree(lib_dir, staged)
         return staged
 
-    def run_cmake(self, site: list[str], nvcc: str | None, mode: str, lib_dir: Path) -> None:
+    def run_cmake(self, build_dir: Path, site: list[str], nvcc: str | None, mode: str, lib_dir: Path) -> None:
         if lib_dir.exists():
             shutil.rmtree(lib_dir)  # modules of variants no longer built must not be copied
         ninja = shutil.which("ninja")
         args = [
             f"-S{ROOT}",
-            f"-B{BUILD_DIR}",
+            f"-B{build_dir}",
             "-GNinja",
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-DMEMKD_TORCH_SEARCH_PATH={os.pathsep.join(site)}",
@@ -191,7 +198,7 @@ class CMakeBuild(build_ext):
             args.append(f"-D{var}={os.environ.get(var, '')}" if var in os.environ else f"-U{var}")
         subprocess.run(["cmake", *args], check=True)
         jobs = os.environ.get("MAX_JOBS", str(os.cpu_count() or 1))
-        subprocess.run(["cmake", "--build", str(BUILD_DIR), "-j", jobs], check=True)
+        subprocess.run(["cmake", "--build", str(build_dir), "-j", jobs], check=True)
 
 
 if __name__ == "__main__":  # run by setuptools' backend (and by `python setup.py ...`)

@@ -5,11 +5,12 @@
 
 Steps, in order of value:
   ops      the copy bandwidth (device-to-device copy of a tensor well beyond the L2 cache), then
-           nr_recall and cosine_distance_map forward and forward+backward at the four WideResNet50
-           stage shapes (256x64x64, 512x32x32, 1024x16x16, 2048x8x8), B=16, L=50, fp32 and bf16,
-           and anomaly_map (the first three stages to 256x256, sigma 4, forward), each for the GPU
-           backends ("cuda": CUDA C++ in memkd._C, "triton") and the plain-PyTorch composite timed in
-           interleaved rounds (A, B, C, A, B, C, ...);
+           nr_recall forward and forward+backward at the four WideResNet50 stage shapes (256x64x64,
+           512x32x32, 1024x16x16, 2048x8x8), B=16, L=50, fp32 and bf16; anomaly_map (the first three
+           stages to 256x256, sigma 4, forward); cosine_distance_map like nr_recall. Each for the GPU
+           backends ("cuda": CUDA C++ in memkd._C, "triton") and the composite, timed in interleaved
+           rounds (A, B, C, A, B, C, ...). The composites are the CPU suite's baselines
+           (benchmarks/test_ops.py), under autograd for the backward: ``COMPOSITES``;
   predict  model.predict for memkd and rd, WideResNet50 at 256x256 (random weights): batch-1
            latency eager and replayed from a CUDA graph (fp32 and bf16 autocast), throughput at
            batch 16 and 64 under bf16 autocast;
@@ -23,7 +24,7 @@ Exit code 0 when every step ran or was skipped with a recorded reason, 1 when a 
 the program failed (the traceback is in the JSON), 143 on SIGTERM.
 
 ``--tiny --device cpu`` is the rehearsal on a machine without a GPU: the same code paths at tiny
-sizes (B=2, C <= 32, H = W <= 8, resnet18 at 64x64, 2 rounds) with the CPU backends (the fused C++
+sizes (B=2, C <= 32, H = W <= 8, resnet18 at 64x64, 1-2 timed rounds) with the CPU backends (the fused C++
 kernels and the composite); its numbers mean nothing, and no target is judged.
 """
 from __future__ import annotations
@@ -61,6 +62,11 @@ from benchlib import (
 from memkd.ops import _library, reference
 
 GROUPS = ("ops", "predict", "train")
+COMPOSITES = {
+    "nr_recall": "benchlib.nr_recall_composite (the best plain-PyTorch composite we know)",
+    "cosine_distance_map": "memkd.ops.reference.cosine_distance_map",
+    "anomaly_map": "memkd.ops.reference.anomaly_map",
+}
 H200_L2_BYTES = 50 * 2**20  # used when the device does not report its L2 size
 SIGMA = 4.0
 TERMINATED_EXIT = 128 + signal.SIGTERM
@@ -359,6 +365,7 @@ class Bench:
             "environment": {},
             "sizes": dataclasses.asdict(self.sizes),
             "bytes_formulas": {f"{op}/{pass_}": text for (op, pass_), text in BYTES_FORMULAS.items()},
+            "composites": COMPOSITES,
             "copy_bandwidth_GBps": None,
             "l2_bytes": None,
             "measurements": [],
@@ -588,7 +595,9 @@ class Bench:
     def op_steps(self) -> list[Step]:
         s = self.sizes
         steps = [Step("ops/copy_bandwidth", "ops", "copy", {"bytes": s.copy_bytes}, self.copy_bandwidth)]
-        for op in ("nr_recall", "cosine_distance_map"):
+
+        def op_cases(op: str) -> list[Step]:
+            cases = []
             for dtype in (torch.float32, torch.bfloat16):
                 for shape in s.op_shapes:
                     for pass_ in ("fwd", "fwdbwd"):
@@ -597,14 +606,18 @@ class Bench:
                                   "dtype": DTYPE_NAMES[dtype]}
                         if op == "nr_recall":
                             params["L"] = s.memory_items
-                        steps.append(Step(f"ops/{op}/{pass_}/B{s.batch}-C{c}-{h}x{w}/{DTYPE_NAMES[dtype]}", "ops", "op",
+                        cases.append(Step(f"ops/{op}/{pass_}/B{s.batch}-C{c}-{h}x{w}/{DTYPE_NAMES[dtype]}", "ops", "op",
                                           params, lambda a=(op, pass_, shape, dtype): self.op_case(*a)))
+            return cases
+
+        steps += op_cases("nr_recall")
         for dtype in (torch.float32, torch.bfloat16):
             params = {"op": "anomaly_map", "pass": "fwd", "batch": s.batch, "stages": [list(x) for x in s.op_shapes[:3]],
                       "out": s.anomaly_out, "sigma": SIGMA, "dtype": DTYPE_NAMES[dtype]}
             steps.append(Step(f"ops/anomaly_map/fwd/B{s.batch}-3stages-{s.anomaly_out}x{s.anomaly_out}/{DTYPE_NAMES[dtype]}",
                               "ops", "anomaly_map", params, lambda d=dtype: self.anomaly_map_case(d)))
-        return steps
+        # cosine_distance_map has no target of its own: last among the ops
+        return steps + op_cases("cosine_distance_map")
 
     # ---- predict and train
 
@@ -660,9 +673,11 @@ class Bench:
     def predict_steps(self) -> list[Step]:
         s = self.sizes
         steps = []
-        # (batch, bf16, CUDA graph), most telling first
-        cases = [(1, False, False), (1, True, True), (1, False, True)]
-        cases += [(batch, True, False) for batch in s.throughput_batches] + [(1, True, False)]
+        # (batch, bf16, CUDA graph), most telling first: the memkd/rd ratio, the latency target, the
+        # throughput target (the largest batch first), then the rest
+        cases = [(1, False, False), (1, True, True)]
+        cases += [(batch, True, False) for batch in sorted(s.throughput_batches, reverse=True)]
+        cases += [(1, False, True), (1, True, False)]
         for batch, bf16, graphs in cases:
             precision = "bf16" if bf16 else "fp32"
             params = {"backbone": s.backbone, "image": s.image, "batch": batch, "precision": precision,
@@ -813,6 +828,8 @@ def markdown(report: dict) -> str:
         "",
     ]
     lines += [f"- {key}: `{text}`" for key, text in report["bytes_formulas"].items()]
+    lines += ["", "The composite (plain PyTorch; autograd differentiates it for forward+backward):", ""]
+    lines += [f"- {op}: {text}" for op, text in report["composites"].items()]
     lines += [
         "",
         (f"L2 cache: {l2 / 2**20:.0f} MiB. A shape whose minimum traffic is at most that fits in L2 (in L2 = yes): "

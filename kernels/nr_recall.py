@@ -4,7 +4,11 @@
 
 query [B, C, H, W] (pixel p = h * W + w), keys and values [L, C]; see memkd.ops.reference.nr_recall.
 L (memory items, ~50) fits one key block padded to a power of two >= 16; C (256..2048) does not fit
-one tile, so every kernel loops over C in BLOCK_C chunks. Both kernels address pixel p of channel c
+one tile, so every kernel loops over C in BLOCK_C chunks. Key blocks stop at ``MAX_BLOCK_L`` (128),
+the largest the launch tiles were compiled and sized for: a larger memory (L > 128; at L = 2500 one
+key block alone would need 262 KB of shared memory in fp16, beyond any GPU's 227 KB) is served by
+the PyTorch reference (two GEMMs per image around a softmax), as the CUDA C++ kernels fall back to
+ATen ops. Both kernels address pixel p of channel c
 of image b as ``base + b * stride_b + c * stride_c + p * stride_p``: NCHW (stride_p = 1),
 channels_last (stride_c = 1) and channel slices run without a copy; a layout whose H and W do not
 collapse into one pixel axis is copied first. Results keep the query's memory format.
@@ -40,6 +44,7 @@ from memkd.kernels._common import (
     dot_dtype,
     empty_map,
     is_half,
+    map_format,
     next_pow2,
     num_sms,
     on_tensor_device,
@@ -47,6 +52,7 @@ from memkd.kernels._common import (
     resolve_deterministic,
     resolve_precision,
 )
+from memkd.ops import reference
 
 
 @triton.jit
@@ -179,7 +185,6 @@ def _nr_recall_bwd_kernel(
         ds = w * (dw - tl.sum(w * dw, axis=0)[None, :])
         proj = tl.sum(ds * s, axis=0)  # qh . dqh, without another pass over C
         proj = tl.where(tl.sqrt(qsq) >= EPS, proj, 0.0)
-        ds_k = (ds * inv_k[:, None]).to(DOT_DTYPE)  # kh^T dS = K^T (dS / |k|)
         ds_op = ds.to(DOT_DTYPE)
         w_op = w.to(DOT_DTYPE)
 
@@ -191,8 +196,11 @@ def _nr_recall_bwd_kernel(
             mask_lc = mask_l[:, None] & mask_c[None, :]
             kt = tl.load(k_ptr + offs_c[:, None] * stride_kc + offs_l[None, :] * stride_kl,
                          mask=mask_c[:, None] & mask_l[None, :], other=0.0)  # [C, L]
+            # kh^T dS with the keys normalised in fp32 before the cast to the dot dtype: |kh| <= 1,
+            # whereas dS / |k| (up to 1 / EPS for a zero key) overflows fp16 and makes dQ NaN.
+            kht = (kt.to(tl.float32) * inv_k[None, :]).to(DOT_DTYPE)
             qh = q.to(tl.float32) * inv_q[None, :]
-            dqh = tl.dot(kt.to(DOT_DTYPE), ds_k, input_precision=PRECISION)  # [C, P]
+            dqh = tl.dot(kht, ds_op, input_precision=PRECISION)  # [C, P]
             dq = (dqh - qh * proj[None, :]) * inv_q[None, :]
             tl.store(dq_img + offs_c[:, None] * stride_dqc + offs_p[None, :] * stride_dqp,
                      dq.to(dq_ptr.dtype.element_ty), mask=mask_cp)
@@ -237,9 +245,20 @@ _BWD_TILES = {
 }
 
 
+MAX_BLOCK_L = max(block_l for _, block_l in _FWD_TILES)
+
+
+def fused(l: int) -> bool:
+    """Whether the Triton kernels serve a memory of ``l`` items (one key block of at most
+    MAX_BLOCK_L); larger memories go to the reference."""
+    return next_pow2(l, 16) <= MAX_BLOCK_L
+
+
 def _tiles(table: dict, c: int, l: int, dtype: torch.dtype) -> dict:
+    if not fused(l):
+        raise ValueError(f"keys: the Triton kernels take at most {MAX_BLOCK_L} memory items, got L = {l}")
     block_l = next_pow2(l, 16)
-    block_p, block_c, num_warps = table.get((is_half(dtype), block_l), (16, 16, 8))  # L > 128: rare
+    block_p, block_c, num_warps = table[(is_half(dtype), block_l)]
     return dict(BLOCK_L=block_l, BLOCK_P=block_p, BLOCK_C=min(block_c, next_pow2(c, 16)),
                 num_warps=num_warps)
 
@@ -290,6 +309,8 @@ def nr_recall_forward(
 ) -> torch.Tensor:
     """NR recall forward: [B, C, H, W] in query's dtype and memory format (channels_last stays)."""
     _check(query, keys, values)
+    if not fused(keys.shape[0]):
+        return reference.nr_recall(query, keys, values).contiguous(memory_format=map_format(query))
     b, c, h, w = query.shape
     l, hw = keys.shape[0], h * w
     q, (sqb, sqc, sqp) = as_pixel_major(query)
@@ -353,6 +374,9 @@ def nr_recall_backward(
     _check(query, keys, values)
     if grad_out.shape != query.shape:
         raise ValueError(f"grad_out: expected shape {tuple(query.shape)}, got {tuple(grad_out.shape)}")
+    if not fused(keys.shape[0]):
+        dq, dk, dv = reference.nr_recall_backward(grad_out, query, keys, values)
+        return dq.contiguous(memory_format=map_format(query)), dk, dv
     deterministic = resolve_deterministic(deterministic)
     b, c, h, w = query.shape
     l, hw = keys.shape[0], h * w

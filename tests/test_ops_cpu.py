@@ -206,6 +206,24 @@ def test_zero_vectors_give_zero_cosine_not_nan():
     assert torch.isfinite(maps).all() and torch.isfinite(scores).all()
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("sigma", [0.0, 2.0])
+def test_anomaly_map_nan_propagates_into_the_score(sigma, dtype, gen):
+    """NaN features give NaN map pixels and a NaN image score, as in the reference (a max that skips
+    NaN gives a finite score, or -inf when every pixel is NaN); the other images stay finite."""
+    stage_shapes = [(3, 13, 9, 11), (3, 26, 5, 6)]
+    student = [make_map(s, dtype, "contiguous", gen) for s in stage_shapes]
+    teacher = [make_map(s, dtype, "contiguous", gen) for s in stage_shapes]
+    student[1][0, :, 2, 3] = float("nan")  # some NaN pixels in image 0
+    student[0][1] = float("nan")  # every pixel of image 1
+    maps, scores = ops.anomaly_map(student, teacher, (13, 17), sigma)
+    exp_maps, exp_scores = reference.anomaly_map([x.double() for x in student], [x.double() for x in teacher],
+                                                 (13, 17), sigma)
+    assert torch.equal(maps.isnan(), exp_maps.isnan())
+    assert scores[:2].isnan().all() and exp_scores[:2].isnan().all()
+    assert_close(scores[2:], exp_scores[2:], dtype, "score of the finite image")
+
+
 @pytest.mark.parametrize("batch", [1, 4])
 def test_backward_is_deterministic_across_thread_counts(gen, batch):
     q = torch.randn(batch, 96, 24, 24, generator=gen, requires_grad=True)

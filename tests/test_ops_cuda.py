@@ -263,14 +263,12 @@ def test_cosine_and_anomaly_map_large_shapes(backend, dtype, gen):
 
 
 def test_nr_recall_many_memory_items(backend, gen):
-    """L beyond what fits in shared memory: the compiled backend falls back to ATen ops."""
-    if backend == "triton":
-        pytest.skip("Triton kernels size their blocks by L; L = 2500 is not a supported configuration")
-    query = make_map((2, 24, 5, 6), torch.float32, "channels_last", gen)
-    keys, values = randn(2500, 24, generator=gen, dtype=torch.float32), randn(2500, 24, generator=gen,
-                                                                                dtype=torch.float32)
-    grad_out = make_map((2, 24, 5, 6), torch.float32, "contiguous", gen)
-    check_nr_recall(query, keys, values, grad_out, torch.float32, backend, "L=2500")
+    """L beyond what fits in shared memory: both backends fall back to ATen ops (the reference)."""
+    for dtype in (torch.float32, torch.float16):
+        query = make_map((2, 24, 5, 6), dtype, "channels_last", gen)
+        keys, values = randn(2500, 24, generator=gen, dtype=dtype), randn(2500, 24, generator=gen, dtype=dtype)
+        grad_out = make_map((2, 24, 5, 6), dtype, "contiguous", gen)
+        check_nr_recall(query, keys, values, grad_out, dtype, backend, f"L=2500 {dtype}")
 
 
 # ---- autograd, dispatcher and compiler contracts -------------------------------------------------
@@ -374,6 +372,47 @@ def test_zero_vectors_give_zero_cosine_not_nan(backend):
     zeros = [torch.zeros(1, 4, 2, 2, device=DEVICE)]
     maps, scores = ops.anomaly_map(zeros, zeros, (4, 4))
     assert torch.isfinite(maps).all() and torch.isfinite(scores).all()
+
+
+@pytest.mark.parametrize("sigma", [0.0, 2.0])
+def test_anomaly_map_nan_propagates_into_the_score(backend, sigma, gen):
+    """NaN features give NaN map pixels and a NaN image score, as in the reference."""
+    stage_shapes = [(3, 13, 9, 11), (3, 26, 5, 6)]
+    for dtype in (torch.float32, torch.float16):
+        student = [make_map(s, dtype, "contiguous", gen) for s in stage_shapes]
+        teacher = [make_map(s, dtype, "contiguous", gen) for s in stage_shapes]
+        student[1][0, :, 2, 3] = float("nan")  # some NaN pixels in image 0
+        student[0][1] = float("nan")  # every pixel of image 1
+        maps, scores = ops.anomaly_map(student, teacher, (13, 17), sigma)
+        exp_maps, exp_scores = reference.anomaly_map(
+            [x.double() for x in student], [x.double() for x in teacher], (13, 17), sigma
+        )
+        assert torch.equal(maps.isnan(), exp_maps.isnan()), dtype
+        assert scores[:2].isnan().all() and exp_scores[:2].isnan().all(), dtype
+        assert_close(scores[2:], exp_scores[2:], dtype, backend, "score of the finite image")
+
+
+def test_anomaly_map_is_cuda_graph_capturable(backend, gen):
+    """No host-to-device copy (or other synchronising call) per call: the op is captured in a CUDA
+    graph, and replaying the graph on new features gives the eager results."""
+    stage_shapes = [(2, 13, 16, 16), (2, 26, 8, 8), (2, 51, 4, 4)]
+    student = [make_map(s, torch.float32, "contiguous", gen) for s in stage_shapes]
+    teacher = [make_map(s, torch.float32, "contiguous", gen) for s in stage_shapes]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up (kernel compilation) outside the capture
+        ops.anomaly_map(student, teacher, (64, 64), 4.0)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        maps, scores = ops.anomaly_map(student, teacher, (64, 64), 4.0)
+    for x in student + teacher:
+        x.copy_(torch.randn(x.shape, generator=gen, dtype=torch.float64).to(DEVICE, x.dtype))
+    graph.replay()
+    torch.cuda.synchronize()
+    expected_maps, expected_scores = ops.anomaly_map(student, teacher, (64, 64), 4.0)
+    torch.testing.assert_close(maps, expected_maps, rtol=0, atol=0)
+    torch.testing.assert_close(scores, expected_scores, rtol=0, atol=0)
 
 
 def test_runs_on_the_current_stream(backend, gen):

@@ -202,6 +202,57 @@ def test_nr_recall_zero_vectors(gen):
         assert_close(g, e, torch.float32, f"grad {name}")
 
 
+def test_nr_recall_fp16_zero_key_gives_finite_query_grad(gen):
+    """A zero key in fp16: its 1 / EPS normaliser must not reach an fp16 operand (it overflows to
+    inf and inf * 0 makes every dQ NaN). dQ and dV match the reference; dK at the zero key scales
+    with 1 / EPS, beyond fp16's range in the reference too, so only the other keys' dK are compared."""
+    b, c, h, w, l = 2, 37, 5, 7, 17
+    query = make_map((b, c, h, w), torch.float16, "contiguous", gen)
+    keys, values = make_memory(l, c, torch.float16, gen)
+    keys[3] = 0
+    grad_out = make_map((b, c, h, w), torch.float16, "contiguous", gen)
+    _, (eq, ek, ev) = nr_expected(query, keys, values, grad_out)
+    dq, dk, dv = K.nr_recall_backward(grad_out, query, keys, values, **SMALL)
+    assert_close(dq, eq, torch.float16, "grad query")
+    assert_close(dv, ev, torch.float16, "grad values")
+    others = [i for i in range(l) if i != 3]
+    assert_close(dk[others], ek[others], torch.float16, "grad keys (non-zero keys)")
+
+
+def test_nr_recall_many_memory_items(monkeypatch, gen):
+    """L = 2500: one key block would need 262 KB (fp16) of shared memory, over any GPU's 227 KB. No
+    kernel may be launched with a key block beyond the largest tile the launch tables were sized
+    for; forward and backward still match the reference (fp32 and fp16, channels_last query)."""
+    import memkd.kernels.nr_recall as nr
+
+    largest_tile = max(block_l for _, block_l in nr._FWD_TILES)
+    launched = []
+    for name in ("_nr_recall_fwd_kernel", "_nr_recall_bwd_kernel"):
+        kernel = getattr(nr, name)
+
+        class Spy:
+            def __getitem__(self, grid, kernel=kernel):
+                def launch(*args, **kwargs):
+                    launched.append(kwargs["BLOCK_L"])
+                    return kernel[grid](*args, **kwargs)
+                return launch
+
+        monkeypatch.setattr(nr, name, Spy())
+    b, c, h, w, l = 1, 8, 2, 3, 2500
+    for dtype in (torch.float32, torch.float16):
+        query = make_map((b, c, h, w), dtype, "channels_last", gen)
+        keys, values = make_memory(l, c, dtype, gen)
+        grad_out = make_map((b, c, h, w), dtype, "contiguous", gen)
+        expected_out, expected = nr_expected(query, keys, values, grad_out)
+        out = K.nr_recall_forward(query, keys, values, input_precision="ieee")
+        assert_close(out, expected_out, dtype, "out")
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        got = K.nr_recall_backward(grad_out, query, keys, values, input_precision="ieee")
+        for name, g, e in zip(("query", "keys", "values"), got, expected):
+            assert_close(g, e, dtype, f"grad {name}")
+    assert all(block_l <= largest_tile for block_l in launched), launched
+
+
 def test_nr_recall_broadcast_grad(gen):
     """grad_out of out.sum() is a stride-0 broadcast: read in place, never densified wrongly."""
     query = make_map((2, 20, 3, 5), torch.float32, "contiguous", gen)
@@ -225,10 +276,13 @@ def test_settings_and_configs():
     assert (cfg["BLOCK_L"], cfg["BLOCK_P"], cfg["BLOCK_C"]) == (64, 64, 64)
     assert forward_config(37, 1, torch.float32)["BLOCK_L"] == 16
     assert forward_config(20, 1, torch.float32)["BLOCK_C"] == 32  # C = 20 -> one 32-channel chunk
-    for l in (1, 17, 50, 100, 300):
+    for l in (1, 17, 50, 100, 128):
         for dtype in DTYPES:
             for cfg in (forward_config(512, l, dtype), backward_config(512, l, dtype)):
                 assert cfg["BLOCK_L"] >= max(16, l) and min(cfg["BLOCK_P"], cfg["BLOCK_C"]) >= 16
+    for config in (forward_config, backward_config):  # larger memories are served by the reference
+        with pytest.raises(ValueError, match="at most 128 memory items, got L = 129"):
+            config(512, 129, torch.float32)
     # The layouts that are addressed in place, and the ones that are copied.
     x = torch.empty(2, 8, 3, 5)
     assert _common.pixel_strides(x) == (120, 15, 1)
@@ -316,6 +370,68 @@ def test_anomaly_map_default_block_single_stage(gen):
     )
     assert_close(maps, expected_maps, torch.float32, "maps")
     assert_close(scores, expected_scores, torch.float32, "scores")
+
+
+def test_anomaly_map_more_stages_than_one_launch_takes(gen):
+    """Six stages: two upsample-and-sum launches, the second adding to the first's sum."""
+    stages = [(5 + i, 3 + i % 3, 4) for i in range(6)]
+    student = [make_map((2, c, h, w), torch.float32, "contiguous", gen) for c, h, w in stages]
+    teacher = [make_map((2, c, h, w), torch.float32, "channels_last", gen) for c, h, w in stages]
+    for sigma in (0.0, 1.0):
+        maps, scores = K.anomaly_map_forward(student, teacher, (7, 9), sigma, block=32)
+        expected_maps, expected_scores = reference.anomaly_map(
+            [s.double().cpu() for s in student], [t.double().cpu() for t in teacher], (7, 9), sigma
+        )
+        assert_close(maps, expected_maps, torch.float32, f"maps sigma {sigma}")
+        assert_close(scores, expected_scores, torch.float32, f"scores sigma {sigma}")
+
+
+def test_anomaly_map_makes_no_host_to_device_copy(monkeypatch, gen):
+    """Per call the launcher builds no tensor from host data (torch.tensor, torch.as_tensor,
+    torch.from_numpy) and moves none with .to(device): every parameter is a kernel argument. Such
+    copies add a synchronous transfer per call and break CUDA-graph capture; the interpreter runs on
+    the CPU, so the calls are counted rather than the transfers."""
+    import memkd.kernels.anomaly_map as am
+    import memkd.kernels.cosine_distance_map as cd
+
+    launcher_files = {am.__file__, cd.__file__}
+    calls = []
+
+    def spy(name, original, moves=lambda args, kwargs: True):
+        def wrapper(*args, **kwargs):
+            if sys._getframe(1).f_code.co_filename in launcher_files and moves(args, kwargs):
+                calls.append(name)
+            return original(*args, **kwargs)
+        return wrapper
+
+    def to_device(args, kwargs):  # .to(device), .to("cuda"), .to(device=...), .to(other_tensor)
+        return "device" in kwargs or any(isinstance(a, (torch.device, str, torch.Tensor)) for a in args[1:])
+
+    for name in ("tensor", "as_tensor", "from_numpy"):
+        monkeypatch.setattr(torch, name, spy(f"torch.{name}", getattr(torch, name)))
+    monkeypatch.setattr(torch.Tensor, "to", spy("Tensor.to(device)", torch.Tensor.to, to_device))
+    student = [make_map((2, c, h, w), torch.float32, "contiguous", gen) for c, h, w in STAGES]
+    teacher = [make_map((2, c, h, w), torch.float32, "contiguous", gen) for c, h, w in STAGES]
+    for sigma in (4.0, 0.0):
+        K.anomaly_map_forward(student, teacher, (13, 17), sigma, block=128)
+    assert calls == []
+
+
+@pytest.mark.parametrize("sigma", [0.0, 2.0])
+def test_anomaly_map_nan_propagates_into_the_score(sigma, gen):
+    """NaN features give NaN map pixels and a NaN image score, as in the reference (a max that
+    skips NaN would give a finite score, or -inf when every pixel is NaN); other images stay finite."""
+    student = [make_map((3, c, h, w), torch.float32, "contiguous", gen) for c, h, w in STAGES]
+    teacher = [make_map((3, c, h, w), torch.float32, "contiguous", gen) for c, h, w in STAGES]
+    student[1][0, :, 2, 3] = float("nan")  # some NaN pixels in image 0
+    student[0][1] = float("nan")  # every pixel of image 1
+    maps, scores = K.anomaly_map_forward(student, teacher, (13, 17), sigma, block=128)
+    expected_maps, expected_scores = reference.anomaly_map(
+        [s.double().cpu() for s in student], [t.double().cpu() for t in teacher], (13, 17), sigma
+    )
+    assert torch.equal(maps.isnan().cpu(), expected_maps.isnan())
+    assert scores[:2].isnan().all() and expected_scores[:2].isnan().all()
+    assert_close(scores[2:], expected_scores[2:], torch.float32, "score of the finite image")
 
 
 # ---- the memkd.ops backend -----------------------------------------------------------------------
@@ -414,10 +530,12 @@ _COMPILE_SCRIPT = textwrap.dedent(
     import torch, triton, triton.language as tl
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+    import memkd.kernels.anomaly_map as am
     import memkd.kernels.nr_recall as nr
 
-    def compile_for(fn, ptrs, consts, cfg, arch):
-        sig = {n: "constexpr" if n in consts else "*" + ptrs[n] if n in ptrs else "i32" for n in fn.arg_names}
+    def compile_for(fn, ptrs, consts, cfg, arch, floats=()):
+        sig = {n: "constexpr" if n in consts else "*" + ptrs[n] if n in ptrs else "fp32" if n in floats else "i32"
+               for n in fn.arg_names}
         src = ASTSource(fn=fn, signature=sig, constexprs=consts)
         options = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
@@ -434,6 +552,15 @@ _COMPILE_SCRIPT = textwrap.dedent(
         ptrs = dict(q_ptr=s, k_ptr=s, v_ptr=s, do_ptr=s, dq_ptr=s, dkh_ptr="fp32", dv_ptr="fp32")
         consts = dict(common, DETERMINISTIC=dtype == torch.bfloat16, **tiles)
         compile_for(nr._nr_recall_bwd_kernel, ptrs, consts, cfg, arch)
+        cfg = dict(am.config(256 * 256), num_stages=1)
+        block = dict(BLOCK=cfg.pop("BLOCK"))
+        fp32_ptrs = dict(d0="fp32", d1="fp32", d2="fp32", d3="fp32", sum_ptr="fp32", out_ptr=s, max_ptr="fp32")
+        scales = [f"s{a}{k}" for a in "hw" for k in range(4)]
+        for final in (False, True):
+            compile_for(am._upsample_sum_kernel, fp32_ptrs, dict(NUM_STAGES=3, ACCUMULATE=final, FINAL=final, **block),
+                        cfg, arch, floats=scales)
+            compile_for(am._blur_kernel, dict(src_ptr="fp32", out_ptr=s, max_ptr="fp32"),
+                        dict(ALONG_W=not final, FINAL=final, **block), cfg, arch, floats=("sigma", "inv_total"))
     print("compiled")
     """
 )
@@ -441,10 +568,10 @@ _COMPILE_SCRIPT = textwrap.dedent(
 
 @pytest.mark.slow
 @pytest.mark.skipif(CUDA, reason="with a GPU the kernels are compiled and run by the tests above")
-def test_nr_recall_kernels_compile_for_gpus(tmp_path):
+def test_kernels_compile_for_gpus(tmp_path):
     """The interpreter never runs Triton's GPU code generation (dot layouts, shared memory, bf16 MMA):
-    compile the NR-recall kernels with their GPU launch parameters for sm_90 (bf16) and sm_80 (fp16)
-    — no GPU needed, ptxas ships with triton."""
+    compile the NR-recall and anomaly-map kernels with their GPU launch parameters for sm_90 (bf16)
+    and sm_80 (fp16) — no GPU needed, ptxas ships with triton."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path)
     proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True,

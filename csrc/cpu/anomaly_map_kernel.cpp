@@ -1,7 +1,7 @@
 // Fused CPU anomaly map: per image, every stage's cosine distances are upsampled (bilinear,
 // align_corners=True) straight into one accumulator, which is blurred with scipy's Gaussian
 // (truncate 4.0, 'reflect' borders) in two separable passes; the score is the blurred map's max.
-// No per-stage upsampled map is ever materialised.
+// No per-stage upsampled map is ever materialised. A NaN map pixel makes the score NaN (as the reference).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -130,7 +130,8 @@ std::tuple<at::Tensor, at::Tensor> anomaly_map_cpu(at::TensorList student_arg, a
           }
           for (int64_t x = 0; x < width; ++x) {
             map_out[y * width + x] = static_cast<scalar_t>(out_row[x]);
-            best = std::max(best, out_row[x]);
+            // NaN propagates into the score, as torch.amax does (std::max would skip it).
+            best = (std::isnan(best) || out_row[x] <= best) ? best : out_row[x];
           }
         }
         score_data[img] = static_cast<scalar_t>(best);

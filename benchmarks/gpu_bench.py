@@ -418,7 +418,7 @@ class Bench:
             left = None if self.deadline is None else self.deadline - time.time()
             needed = self.estimate(step)
             if left is not None and needed > left:
-                self.skip(step.id, f"out of time: needs about {needed:.0f} s, {max(left, 0):.0f} s left")
+                self.skip(step.id, f"out of time: needs about {needed:.1f} s, {max(left, 0):.1f} s left")
                 self.write()
                 continue
             entry = {"id": step.id, "group": step.group, "params": step.params, "status": "running"}
@@ -800,6 +800,9 @@ def markdown(report: dict) -> str:
         f"build {ext.get('build_info')}.",
         "",
     ]
+    statuses = [m["status"] for m in report["measurements"]]
+    lines += [f"{len(statuses)} measurements ({statuses.count('ok')} ok, {len(statuses) - statuses.count('ok')} not), "
+              f"{len(report['skipped'])} skipped, {len(report['errors'])} errors.", ""]
     if "gpu_backends" in env:
         lines += [f"GPU backends: available {env['gpu_backends']['available']}; unavailable {env['gpu_backends']['unavailable'] or 'none'}.", ""]
     if report["mode"] == "tiny":

@@ -169,11 +169,11 @@ def test_byte_formulas_count_every_input_and_output():
 
 def test_targets_judge_only_shapes_leaving_l2_and_only_on_a_gpu():
     impls = {"cuda": {"median_s": 1e-3, "copy_fraction": 0.80, "speedup_vs_composite": 3.5}, "composite": {"median_s": 3.5e-3}}
-    leaving = gpu_bench.op_targets("nr_recall", "fwd", False, impls, ["cuda"], None)
+    leaving = gpu_bench.op_targets("nr_recall", "fwd", True, impls, ["cuda"], None)
     assert [t["verdict"] for t in leaving] == ["fail"] and leaving[0]["threshold"] == gpu_bench.NR_RECALL_COPY_FRACTION
     impls["cuda"]["copy_fraction"] = 0.9
-    assert gpu_bench.op_targets("nr_recall", "fwd", False, impls, ["cuda"], None)[0]["verdict"] == "pass"
-    assert gpu_bench.op_targets("nr_recall", "fwd", True, impls, ["cuda"], None) == []
+    assert gpu_bench.op_targets("nr_recall", "fwd", True, impls, ["cuda"], None)[0]["verdict"] == "pass"
+    assert gpu_bench.op_targets("nr_recall", "fwd", False, impls, ["cuda"], None) == []
     fwdbwd = gpu_bench.op_targets("nr_recall", "fwdbwd", True, impls, ["cuda"], None)
     assert [t["verdict"] for t in fwdbwd] == ["pass"]
     impls["cuda"]["speedup_vs_composite"] = 2.0
@@ -194,3 +194,19 @@ def test_bad_arguments_get_a_one_line_error(tmp_path, argv, message, capsys):
         gpu_bench.parse_args(["--out", str(tmp_path), *argv])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_only_a_full_gpu_run_judges_and_the_l2_rule_at_the_full_shapes(tmp_path):
+    assert gpu_bench.Bench(tmp_path, "cuda", False, None, gpu_bench.GROUPS).judged is None
+    assert gpu_bench.Bench(tmp_path, "cuda", True, None, gpu_bench.GROUPS).judged.startswith("rehearsal")
+    assert gpu_bench.Bench(tmp_path, "cpu", True, None, gpu_bench.GROUPS).judged.startswith("rehearsal")
+    bench = gpu_bench.Bench(tmp_path, "cuda", False, None, gpu_bench.GROUPS)
+    bench.report["l2_bytes"] = gpu_bench.H200_L2_BYTES
+    full = gpu_bench.FULL
+
+    def leaves(shape, itemsize):
+        return bench.fits_l2(gpu_bench.min_bytes("nr_recall", "fwd", full.batch, shape, full.memory_items, itemsize)) is False
+
+    # B=16 nr_recall forward: 256x64x64 moves 134 MB in fp32 and 67 MB in bf16, 512x32x32 67 / 34 MB
+    assert [leaves(s, 4) for s in full.op_shapes] == [True, True, False, False]
+    assert [leaves(s, 2) for s in full.op_shapes] == [True, False, False, False]

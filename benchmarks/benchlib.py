@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import sys
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Sequence
@@ -191,11 +190,11 @@ def cuda_backend(backend: Optional[str]) -> Iterator[None]:
     if backend is None:
         yield
         return
-    memkd.ops.set_cuda_backend(backend)
+    memkd.ops.set_backend("cuda", backend)
     try:
         yield
     finally:
-        memkd.ops.set_cuda_backend("default")
+        memkd.ops.set_backend("cuda", "default")
 
 
 @functools.lru_cache(maxsize=None)
@@ -204,12 +203,12 @@ def available_cuda_backends() -> tuple[str, ...]:
     found = []
     for backend in ("cuda", "triton"):
         try:
-            memkd.ops.set_cuda_backend(backend)
+            memkd.ops.set_backend("cuda", backend)
             found.append(backend)
         except RuntimeError:
             pass
         finally:
-            memkd.ops.set_cuda_backend("default")
+            memkd.ops.set_backend("cuda", "default")
     return tuple(found)
 
 
@@ -248,42 +247,24 @@ def anomaly_map_scipy(
     return maps, maps.flatten(1).amax(dim=1)
 
 
-# ---- swapping the fused ops for the reference ones, end to end --------------------------------
-
-
-def _op_swaps() -> dict[int, tuple[Callable, Callable]]:
-    return {
-        id(memkd.ops.nr_recall): (memkd.ops.nr_recall, reference.nr_recall),
-        id(memkd.ops.cosine_distance_map): (memkd.ops.cosine_distance_map, reference.cosine_distance_map),
-        id(memkd.ops.anomaly_map): (memkd.ops.anomaly_map, reference.anomaly_map),
-    }
+# ---- the reference ops, end to end ----------------------------------------------------------------
 
 
 @contextlib.contextmanager
-def reference_ops() -> Iterator[list[str]]:
-    """Inside the block, every memkd module that bound a public op (``from memkd.ops import
-    nr_recall``) and ``memkd.ops`` itself call the plain-PyTorch reference instead; under autograd
-    the reference runs as a composite (autograd through its PyTorch ops). Yields the patched names.
-
-    ``test_inference.test_reference_swap_reaches_every_op`` checks with the profiler that no
-    ``memkd::`` kernel runs inside the block, so a model calling the ops another way is caught.
+def reference_ops() -> Iterator[None]:
+    """Inside the block the reference kernels (memkd.ops.reference) serve every memkd op on CPU and
+    CUDA tensors, through ``memkd.ops.set_backend(device, "reference")``: the same dispatcher path,
+    argument checks and autograd formulas (the backward ops' closed forms) as the fused kernels;
+    only the kernels differ. ``test_inference.test_reference_swap_reaches_every_op`` checks with the
+    profiler that the reference's ATen ops run inside the memkd:: ops in the block, and not outside.
     """
-    swaps = _op_swaps()
-    patched: list[tuple[object, str, Callable]] = []
-    for name, module in list(sys.modules.items()):
-        if module is None or not (name == "memkd" or name.startswith("memkd.")):
-            continue
-        if name.startswith("memkd.ops.") and name != "memkd.ops":
-            continue  # the ops' own internals (reference, _library) stay as they are
-        for attr, value in list(vars(module).items()):
-            if id(value) in swaps and swaps[id(value)][0] is value:
-                patched.append((module, attr, value))
-                setattr(module, attr, swaps[id(value)][1])
+    for device in ("cpu", "cuda"):
+        memkd.ops.set_backend(device, "reference")
     try:
-        yield [f"{m.__name__}.{a}" for m, a, _ in patched]
+        yield
     finally:
-        for module, attr, value in patched:
-            setattr(module, attr, value)
+        for device in ("cpu", "cuda"):
+            memkd.ops.set_backend(device, "default")
 
 
 # ---- models -------------------------------------------------------------------------------------

@@ -300,7 +300,7 @@ def per_round_ratio(results: dict, numerator: str, denominator: str) -> Optional
 
 def select_gpu_backend(name: str) -> None:
     """Serve every memkd op on CUDA tensors with backend ``name`` ("cuda", "triton", "default")."""
-    memkd.ops.set_cuda_backend(name)
+    memkd.ops.set_backend("cuda", name)
 
 
 def gpu_backends() -> tuple[list[str], dict[str, str]]:

@@ -204,20 +204,3 @@ def cosine_distance_map_backward(grad_out: torch.Tensor, fs: torch.Tensor, ft: t
         EPS=EPS, **cfg,
     )
     return da, dt
-
-
-class CosineDistanceMapFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, fs, ft):
-        ctx.save_for_backward(fs, ft)
-        return cosine_distance_map_forward(fs, ft)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        fs, ft = ctx.saved_tensors
-        return cosine_distance_map_backward(grad_out, fs, ft)
-
-
-def cosine_distance_map(fs: torch.Tensor, ft: torch.Tensor) -> torch.Tensor:
-    """Differentiable per-pixel cosine distance on the Triton kernels."""
-    return CosineDistanceMapFunction.apply(fs, ft)

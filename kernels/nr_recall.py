@@ -419,22 +419,3 @@ def nr_recall_backward(
     proj = (kh * dkh).sum(1, keepdim=True) * (knorm >= EPS)
     dk = (dkh - kh * proj) / knorm.clamp_min(EPS)
     return dq, dk.to(keys.dtype), dv.to(values.dtype)
-
-
-class NRRecallFunction(torch.autograd.Function):
-    """Autograd wrapper of the two launchers (module settings for precision and determinism)."""
-
-    @staticmethod
-    def forward(ctx, query, keys, values):
-        ctx.save_for_backward(query, keys, values)
-        return nr_recall_forward(query, keys, values)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        query, keys, values = ctx.saved_tensors
-        return nr_recall_backward(grad_out, query, keys, values)
-
-
-def nr_recall(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """Differentiable NR recall on the Triton kernels."""
-    return NRRecallFunction.apply(query, keys, values)

@@ -1,6 +1,6 @@
 """The ops on CUDA tensors, for both GPU backends, against memkd.ops.reference.
 
-Backends (memkd.ops.set_cuda_backend): "cuda", the CUDA C++ kernels compiled into memkd._C
+Backends (memkd.ops.set_backend("cuda", ...)): "cuda", the CUDA C++ kernels compiled into memkd._C
 (csrc/cuda), and "triton", the Triton kernels (kernels/). Every test is marked ``cuda`` and skipped
 without a GPU; the "cuda" backend is skipped when memkd._C has no CUDA kernels, "triton" when Triton
 or its kernels are unavailable, each with the reason.
@@ -16,7 +16,7 @@ import torch
 from helpers import check_ops_compile_fullgraph
 
 import memkd.ops as ops
-from memkd.ops import _library, reference
+from memkd.ops import _library, _registry, reference
 
 pytestmark = [
     pytest.mark.cuda,
@@ -39,7 +39,6 @@ LAYOUTS = ["contiguous", "channels_last", "strided"]
 # grad_out's layout for each query layout, so that mixed layouts are exercised too.
 GRAD_LAYOUT = {"contiguous": "channels_last", "channels_last": "contiguous", "strided": "strided"}
 BACKENDS = ["cuda", "triton"]
-PUBLIC_OPS = ("nr_recall", "cosine_distance_map", "anomaly_map")
 
 
 def backend_unavailable(name: str) -> str | None:
@@ -51,7 +50,7 @@ def backend_unavailable(name: str) -> str | None:
         if not ext.cuda_kernels:
             return f"memkd._C was built without CUDA kernels (build info {ext.build_info}; needs nvcc at build time)"
         return None
-    kernels, why = ops._triton_kernels()
+    kernels, why = _registry._triton_kernels(_registry.OPS["nr_recall"])
     return None if kernels is not None else why
 
 
@@ -60,11 +59,11 @@ def backend(request):
     why = backend_unavailable(request.param)
     if why is not None:
         pytest.skip(f"{request.param} backend unavailable: {why}")
-    ops.set_cuda_backend(request.param)
+    ops.set_backend("cuda", request.param)
     try:
         yield request.param
     finally:
-        ops.set_cuda_backend("default")
+        ops.set_backend("cuda", "default")
 
 
 @pytest.fixture
@@ -144,11 +143,11 @@ def check_cosine_distance_map(fs, ft, dtype, backend, gen, what=""):
 
 
 def test_selected_backend_serves_every_op(backend):
-    for op in PUBLIC_OPS:
-        assert ops.cuda_backend(op) == backend
+    for op in _registry.OPS:
+        assert ops.backend("cuda", op) == backend
         assert ops.backends()[op]["cuda"].startswith(backend)
     if backend == "cuda":
-        for op in _library.SCHEMAS:
+        for op in _registry.schemas():
             assert _library.has_kernel(op, "CUDA"), f"memkd::{op} has no compiled CUDA kernel"
 
 

@@ -39,7 +39,6 @@ SMALL = dict(block_p=16, block_c=16)  # several C chunks (37 = 16 + 16 + 5) and 
 
 def test_runs_where_expected():
     assert CUDA or INTERPRETED, "no GPU and TRITON_INTERPRET unset: conftest.py did not run first"
-    assert K.__file__.endswith(os.path.join("kernels", "__init__.py"))
 
 
 def assert_close(actual, expected, dtype, what):
@@ -145,17 +144,6 @@ def test_nr_recall_default_tiles(dtype, gen):
     got = K.nr_recall_backward(grad_out, query, keys, values, input_precision="ieee")
     for name, g, e in zip(("query", "keys", "values"), got, expected_grads):
         assert_close(g, e, dtype, f"grad {name}")
-
-
-def test_nr_recall_autograd_wrapper(gen):
-    K.set_input_precision("ieee")
-    query = make_map((1, 37, 5, 7), torch.float32, "contiguous", gen).requires_grad_(True)
-    keys, values = (x.requires_grad_(True) for x in make_memory(17, 37, torch.float32, gen))
-    grad_out = make_map((1, 37, 5, 7), torch.float32, "contiguous", gen)
-    got = torch.autograd.grad(K.NRRecallFunction.apply(query, keys, values), (query, keys, values), grad_out)
-    _, expected = nr_expected(query, keys, values, grad_out)
-    for g, e in zip(got, expected):
-        assert_close(g, e, torch.float32, "autograd")
 
 
 @pytest.mark.parametrize("max_programs", [1, 3])
@@ -319,11 +307,13 @@ def test_cosine_distance_map(shape, dtype, layout, gen):
         assert da.is_contiguous(memory_format=torch.channels_last) and dt.is_contiguous()
 
 
-def test_cosine_distance_map_autograd_default_tiles(gen):
-    fs = make_map((2, 37, 5, 7), torch.float32, "channels_last", gen).requires_grad_(True)
-    ft = make_map((2, 37, 5, 7), torch.float32, "contiguous", gen).requires_grad_(True)
-    ft.data[1, :, 4, 6] = 0
-    got = torch.autograd.grad(K.CosineDistanceMapFunction.apply(fs, ft).sum(), (fs, ft))  # broadcast grad_out
+def test_cosine_distance_map_default_tiles_broadcast_grad(gen):
+    """The GPU tiles, a zero vector, and the stride-0 grad_out of out.sum(), read in place."""
+    fs = make_map((2, 37, 5, 7), torch.float32, "channels_last", gen)
+    ft = make_map((2, 37, 5, 7), torch.float32, "contiguous", gen)
+    ft[1, :, 4, 6] = 0
+    grad_out = torch.ones((), device=DEVICE).expand(2, 5, 7)
+    got = K.cosine_distance_map_backward(grad_out, fs, ft)
     a, t = f64(fs), f64(ft)
     expected = torch.autograd.grad(reference.cosine_distance_map(a, t).sum(), (a, t))
     for g, e in zip(got, expected):
@@ -438,21 +428,23 @@ def test_anomaly_map_nan_propagates_into_the_score(sigma, gen):
 
 
 def test_backend_kernels_match_reference_signatures(gen):
-    from memkd.ops import triton_backend
+    """Each op's Triton kernels are called like its reference kernels (memkd/ops/<op>.py)."""
+    from memkd.ops._registry import OPS
 
-    assert set(triton_backend.KERNELS) == {
-        "nr_recall", "nr_recall_backward", "cosine_distance_map", "cosine_distance_map_backward", "anomaly_map"
-    }
-    for name, fn in triton_backend.KERNELS.items():
-        ref_params = inspect.signature(getattr(reference, name)).parameters
-        params = inspect.signature(fn).parameters
-        assert [(p.name, p.default) for p in params.values()] == [
-            (p.name, p.default) for p in ref_params.values()
-        ], name
+    assert set(OPS) == {"nr_recall", "cosine_distance_map", "anomaly_map"}
+    for op in OPS.values():
+        kernels = op.triton()
+        assert set(kernels) == set(op.schemas) == set(op.reference), op.name
+        for name, fn in kernels.items():
+            ref_params = inspect.signature(op.reference[name]).parameters
+            params = inspect.signature(fn).parameters
+            assert [(p.name, p.default) for p in params.values()] == [
+                (p.name, p.default) for p in ref_params.values()
+            ], name
     # float64 is served by the reference; the backward ops return tuples.
     fs = make_map((1, 5, 2, 3), torch.float64, "contiguous", gen)
     grad_out = torch.ones(1, 2, 3, dtype=torch.float64, device=DEVICE)
-    grads = triton_backend.KERNELS["cosine_distance_map_backward"](grad_out, fs, fs)
+    grads = OPS["cosine_distance_map"].triton()["cosine_distance_map_backward"](grad_out, fs, fs)
     assert isinstance(grads, tuple) and len(grads) == 2
 
 
@@ -490,13 +482,14 @@ def test_backend_through_the_dispatcher_on_cpu(gen):
     """KERNELS as the memkd:: ops' CPU kernels (interpreter) for the length of the test: the
     dispatcher, the registered autograd formulas and the Triton kernels together."""
     import memkd.ops as ops
-    from memkd.ops import triton_backend
+    from memkd.ops._registry import OPS
 
     K.set_input_precision("ieee")
     lib = torch.library.Library("memkd", "IMPL")  # noqa: TOR901
     try:
-        for name, fn in triton_backend.KERNELS.items():
-            lib.impl(name, fn, "CPU", allow_override=True)
+        for op in OPS.values():
+            for name, fn in op.triton().items():
+                lib.impl(name, fn, "CPU", allow_override=True)
         check_nr_recall_op(gen)
         fs, ft = (make_map((2, 20, 3, 5), torch.float32, "contiguous", gen).requires_grad_(True) for _ in "st")
         got = torch.autograd.grad(ops.cosine_distance_map(fs, ft).sum(), (fs, ft))
@@ -513,14 +506,14 @@ def test_backend_through_the_dispatcher_on_cpu(gen):
 def test_ops_triton_backend_on_cuda(gen):
     import memkd.ops as ops
 
-    ops.set_cuda_backend("triton")
+    ops.set_backend("cuda", "triton")
     try:
-        assert ops.cuda_backend("nr_recall") == "triton"
+        assert ops.backend("cuda", "nr_recall") == "triton"
         K.set_input_precision("ieee")
         check_nr_recall_op(gen)
         check_anomaly_map_op((13, 17), 4.0, gen)
     finally:
-        ops.set_cuda_backend("default")
+        ops.set_backend("cuda", "default")
 
 
 # ---- GPU code generation without a GPU ------------------------------------------------------------

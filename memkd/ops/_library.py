@@ -1,12 +1,7 @@
-"""Registration of the ``memkd::`` ops with the PyTorch dispatcher.
-
-The schemas and the CPU/CUDA kernels come from the compiled extension ``memkd._C`` (csrc/). When
-it is missing, disabled (``MEMKD_NO_EXTENSION=1``) or was built against another torch, the same
-schemas are defined here and served by the plain PyTorch reference, with one warning. On CUDA the
-Triton kernels (kernels/) are an alternative backend that a user can select per op.
-
-Autograd formulas and fake (meta) kernels are registered here for every backend, so the ops work
-under ``torch.compile(fullgraph=True)`` and pass ``torch.library.opcheck``.
+"""Loading of the compiled extension ``memkd._C`` (csrc/), which defines the ``memkd::`` schemas and
+serves the fused CPU and CUDA kernels. When it is missing, disabled (``MEMKD_NO_EXTENSION=1``) or
+was built against another torch, :data:`EXTENSION` says why, and memkd/ops/_registry.py defines the
+schemas itself, served by the plain PyTorch reference.
 """
 from __future__ import annotations
 
@@ -18,39 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-
-from memkd.ops import reference
-from memkd.ops.validation import (
-    check_anomaly_map_args,
-    check_cosine_distance_map_args,
-    check_nr_recall_args,
-)
-
-# Kept identical to csrc/ops/*.cpp; tests/test_ops_registration.py compares them.
-SCHEMAS = {
-    "nr_recall": "nr_recall(Tensor query, Tensor keys, Tensor values) -> Tensor",
-    "nr_recall_backward": (
-        "nr_recall_backward(Tensor grad_out, Tensor query, Tensor keys, Tensor values) -> "
-        "(Tensor, Tensor, Tensor)"
-    ),
-    "cosine_distance_map": "cosine_distance_map(Tensor fs, Tensor ft) -> Tensor",
-    "cosine_distance_map_backward": (
-        "cosine_distance_map_backward(Tensor grad_out, Tensor fs, Tensor ft) -> (Tensor, Tensor)"
-    ),
-    "anomaly_map": (
-        "anomaly_map(Tensor[] student_features, Tensor[] teacher_features, int[2] out_size, "
-        "float sigma=4.0) -> (Tensor, Tensor)"
-    ),
-}
-PUBLIC_OPS = ("nr_recall", "cosine_distance_map", "anomaly_map")
-
-REFERENCE_KERNELS = {
-    "nr_recall": reference.nr_recall,
-    "nr_recall_backward": reference.nr_recall_backward,
-    "cosine_distance_map": reference.cosine_distance_map,
-    "cosine_distance_map_backward": reference.cosine_distance_map_backward,
-    "anomaly_map": reference.anomaly_map,
-}
 
 
 @dataclass
@@ -139,101 +101,9 @@ def _load_extension() -> ExtensionStatus:
     )
 
 
-def _op_is_defined(name: str) -> bool:
-    try:
-        getattr(torch.ops.memkd, name)
-    except (AttributeError, RuntimeError):
-        return False
-    return True
-
-
 EXTENSION = _load_extension()
-_fallback_lib: torch.library.Library | None = None
-
-if not EXTENSION.loaded:
-    warnings.warn(
-        f"memkd: fused C++/CUDA kernels unavailable ({EXTENSION.reason}); "
-        "using the PyTorch reference ops (correct, slower)",
-        RuntimeWarning,
-        stacklevel=2,
-    )
-    # memkd._C may have loaded, defining the schemas (and CUDA kernels), though no CPU build could.
-    _fallback_lib = torch.library.Library("memkd", "FRAGMENT")  # noqa: TOR901
-    for _name, _schema in SCHEMAS.items():
-        if not _op_is_defined(_name):
-            _fallback_lib.define(_schema)
-        for _key in ("CPU", "CUDA"):
-            if not torch._C._dispatch_has_kernel_for_dispatch_key(f"memkd::{_name}", _key):
-                _fallback_lib.impl(_name, REFERENCE_KERNELS[_name], _key)
 
 
 def has_kernel(op: str, dispatch_key: str) -> bool:
     """Whether ``memkd::op`` has a kernel registered for ``dispatch_key`` (e.g. "CPU", "CUDA")."""
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"memkd::{op}", dispatch_key)
-
-
-# ---- fake kernels: shapes and dtypes only, with the same argument checks as the real kernels.
-
-
-@torch.library.register_fake("memkd::nr_recall")
-def _nr_recall_fake(query, keys, values):
-    check_nr_recall_args(query, keys, values)
-    return torch.empty_like(query)
-
-
-@torch.library.register_fake("memkd::nr_recall_backward")
-def _nr_recall_backward_fake(grad_out, query, keys, values):
-    check_nr_recall_args(query, keys, values)
-    return torch.empty_like(query), torch.empty_like(keys), torch.empty_like(values)
-
-
-@torch.library.register_fake("memkd::cosine_distance_map")
-def _cosine_distance_map_fake(fs, ft):
-    check_cosine_distance_map_args(fs, ft)
-    b, _, h, w = fs.shape
-    return fs.new_empty((b, h, w))
-
-
-@torch.library.register_fake("memkd::cosine_distance_map_backward")
-def _cosine_distance_map_backward_fake(grad_out, fs, ft):
-    check_cosine_distance_map_args(fs, ft)
-    return torch.empty_like(fs), torch.empty_like(ft)
-
-
-@torch.library.register_fake("memkd::anomaly_map")
-def _anomaly_map_fake(student_features, teacher_features, out_size, sigma=4.0):
-    check_anomaly_map_args(student_features, teacher_features, out_size, sigma)
-    first = student_features[0]
-    b = first.shape[0]
-    return first.new_empty((b, out_size[0], out_size[1])), first.new_empty((b,))
-
-
-# ---- autograd: the backward ops are kernels of their own on every backend.
-
-
-def _nr_recall_setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
-
-
-def _nr_recall_backward(ctx, grad_out):
-    query, keys, values = ctx.saved_tensors
-    return torch.ops.memkd.nr_recall_backward(grad_out, query, keys, values)
-
-
-def _cosine_distance_map_setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
-
-
-def _cosine_distance_map_backward(ctx, grad_out):
-    fs, ft = ctx.saved_tensors
-    return torch.ops.memkd.cosine_distance_map_backward(grad_out, fs, ft)
-
-
-torch.library.register_autograd(
-    "memkd::nr_recall", _nr_recall_backward, setup_context=_nr_recall_setup_context
-)
-torch.library.register_autograd(
-    "memkd::cosine_distance_map",
-    _cosine_distance_map_backward,
-    setup_context=_cosine_distance_map_setup_context,
-)

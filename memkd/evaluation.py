@@ -28,7 +28,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -52,6 +52,8 @@ from memkd.metrics import (
 from memkd.models import CompiledPredictor, MemKD, MemKDConfig
 
 PathLike = Union[str, Path]
+# images [B, 3, H, W] -> (maps [B, H, W], scores [B]), as MemKD.predict
+Predictor = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 EvalSize = Union[str, int]
 THRESHOLD_MODES = ("image", "pixel")
 DECISION_RULE = "anomalous if score > threshold"
@@ -130,10 +132,12 @@ def predict_dataset(
     progress: bool = True,
     desc: str = "predict",
     compile: bool = False,
+    predictor: Optional[Predictor] = None,
 ) -> Predictions:
     """Maps and scores of every item of a memkd.data dataset, one batch at a time; ``compile``:
-    through a ``CompiledPredictor`` (its one-off compile time is included in ``seconds``)."""
-    predict = CompiledPredictor(model) if compile else model.predict
+    through a ``CompiledPredictor`` (its one-off compile time is included in ``seconds``);
+    ``predictor``: through this instead of ``model.predict`` (e.g. ``memkd.aoti_cache``)."""
+    predict = predictor or (CompiledPredictor(model) if compile else model.predict)
     loader = make_loader(dataset, batch_size=batch_size, shuffle=False, workers=workers)
     scores, labels, maps, masks, paths, defects, native = [], [], [], [], [], [], []
     started = time.perf_counter()
@@ -158,6 +162,13 @@ def predict_dataset(
         native_masks=native or None,
         seconds=seconds,
     )
+
+
+def inference_path(compile: bool, predictor: Optional[Predictor]) -> str:
+    """Which inference path produced a run's numbers (metrics.json "inference.path")."""
+    if predictor is not None:
+        return getattr(predictor, "description", type(predictor).__name__)
+    return "torch.compile (CompiledPredictor)" if compile else "eager (MemKD.predict)"
 
 
 def evaluation_maps(predictions: Predictions, config: MemKDConfig, eval_size: EvalSize):
@@ -324,10 +335,11 @@ def evaluate_model(
     seed: int = 0,
     info: Optional[dict[str, Any]] = None,
     compile: bool = False,
+    predictor: Optional[Predictor] = None,
 ) -> Evaluation:
     """Predict ``test_set`` (from ``build_test_dataset``), compute the metrics and the threshold,
     and write metrics.json, metrics.md and ``figures`` heatmap figures under ``out_dir``.
-    ``compile``: predict through a ``CompiledPredictor``."""
+    ``compile``: predict through a ``CompiledPredictor``; ``predictor``: through this instead."""
     config = model.config
     eval_size = parse_eval_size(eval_size)
     if threshold_mode not in THRESHOLD_MODES:
@@ -337,7 +349,9 @@ def evaluate_model(
         raise ValueError(f"test set: images are {test_set.image_size}, the model takes {model_size(config)}")
     out_dir = Path(out_dir)
     label = f"{dataset}/{category}" if dataset or category else "test"
-    predictions = predict_dataset(model, test_set, batch_size, workers, progress, desc=f"test {label}", compile=compile)
+    predictions = predict_dataset(
+        model, test_set, batch_size, workers, progress, desc=f"test {label}", compile=compile, predictor=predictor
+    )
     has_masks = getattr(test_set, "has_masks", True)
     maps, masks = evaluation_maps(predictions, config, eval_size) if has_masks else (None, None)
     with warnings.catch_warnings(record=True) as caught:
@@ -369,6 +383,7 @@ def evaluate_model(
         "heatmap_range": list(vrange),
         "inference": {
             "device": str(model.device),
+            "path": inference_path(compile, predictor),
             "seconds": predictions.seconds,
             "images_per_second": n / max(predictions.seconds, 1e-9),
         },
@@ -581,12 +596,13 @@ def predict_images(
     progress: bool = True,
     csv_name: str = "predictions.csv",
     compile: bool = False,
+    predictor: Optional[Predictor] = None,
 ) -> tuple[Path, list[dict[str, Any]]]:
     """Score every image under ``inputs`` in batches, write ``<name>_heatmap.png`` overlays (at the
     image's own resolution, colours over ``heatmap_range`` or else each map's own range) and a CSV
     (path, score, decision, threshold, heatmap). Unreadable files get decision "error". ``compile``:
-    predict through a ``CompiledPredictor``."""
-    predict = CompiledPredictor(model) if compile else model.predict
+    predict through a ``CompiledPredictor``; ``predictor``: through this instead."""
+    predict = predictor or (CompiledPredictor(model) if compile else model.predict)
     files = collect_images(inputs)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

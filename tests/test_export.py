@@ -330,3 +330,41 @@ def test_missing_extra_names_it(monkeypatch, run, tmp_path):
     monkeypatch.setattr(export.importlib, "import_module", without_onnx)
     with pytest.raises(export.ExportError, match=r"format onnx: the Python package 'onnxscript' is missing; install the export extra: pip install \"memkd\[export\]\""):
         export.export_run(run.directory, "onnx", tmp_path / "x")
+
+
+# ---- the cached compiled package of memkd predict / memkd test ----------------------------------
+
+
+def test_cached_compiled_package(images, tmp_path, capsys):
+    """--compile builds the package once; a later run without --compile loads it and decides and
+    scores as eager; a re-saved checkpoint (new model file) is not served by the old package."""
+    from memkd.aoti_cache import CACHE_DIR
+
+    torch.manual_seed(2)
+    model = build_model(MemKDConfig(method="memkd", backbone="resnet18", weights=None, image_size=SIZE, memory_items=5)).eval()
+    threshold = float(np.median(score_files(model, images)))
+    directory = save_checkpoint(model, tmp_path / "run", extra={"threshold": threshold})
+    common = [str(images), "--batch-size", "4", "--no-progress", "--workers", "0"]
+
+    def predict(out, *flags):
+        code = cli.main(["predict", str(directory), *common, "--out", str(tmp_path / out), *flags])
+        captured = capsys.readouterr()
+        assert code == 0, captured.err
+        return captured.out, read_csv(tmp_path / out / "predictions.csv")
+
+    built, _ = predict("compiled", "--compile")
+    assert "inference: AOTInductor package" in built and "built in" in built
+    assert len(list((directory / CACHE_DIR).glob("*.pt2"))) == 1
+    loaded, cached_rows = predict("cached")
+    assert "inference: AOTInductor package" in loaded and "loaded in" in loaded
+    eager_out, eager_rows = predict("eager", "--eager")
+    assert "inference:" not in eager_out
+    assert [r["decision"] for r in cached_rows] == [r["decision"] for r in eager_rows]
+    assert 0 < sum(r["decision"] == "anomalous" for r in eager_rows) < len(eager_rows)
+    assert_close([float(r["score"]) for r in cached_rows], np.array([float(r["score"]) for r in eager_rows]), "cached package scores")
+
+    save_checkpoint(model, directory, extra={"threshold": threshold})  # a new model file: the package is stale
+    stale, _ = predict("stale")
+    assert "inference:" not in stale
+    code = cli.main(["predict", str(directory), *common, "--out", str(tmp_path / "x"), "--compile", "--eager"])
+    assert code == cli.EXIT_ERROR and "--compile, --eager" in capsys.readouterr().err

@@ -101,6 +101,14 @@ for home in "${CUDA_HOME:-}" "${CUDA_PATH:-}" /usr/local/cuda; do
 done
 [[ -z "$NVCC" ]] && NVCC=$(command -v nvcc 2>/dev/null || true)
 JOBS=$(nproc 2>/dev/null || echo 8)
+# cmake >= 3.26 (CUDA 20) and ninja: the interpreter's own (pip's) first, then PATH.
+SCRIPTS=$(timeout 30 "$PY" -c 'import sysconfig; print(sysconfig.get_path("scripts"))' 2>/dev/null)
+[[ -n "$SCRIPTS" ]] && export PATH="$SCRIPTS:$PATH"
+CMAKE_VERSION=$(cmake --version 2>/dev/null | head -n1 | awk '{print $3}')
+if [[ -z "$CMAKE_VERSION" || "$(printf '%s\n3.26\n' "$CMAKE_VERSION" | sort -V | head -n1)" != "3.26" ]]; then
+  log "cmake ${CMAKE_VERSION:-missing} at $(command -v cmake): 3.26 or later is needed; the build will fail"
+fi
+log "cmake $CMAKE_VERSION ($(command -v cmake)), ninja $(command -v ninja), nvcc ${NVCC:-none}"
 # CMake directly, not pip: nothing to install, and the modules land in memkd/ of this checkout
 # (the tests import memkd from here through PYTHONPATH). One CPU kernel build for this machine.
 cmake_build() {  # cmake_build BUILD_DIR MEMKD_CUDA

@@ -7,6 +7,7 @@ shows the traceback instead. Usage errors exit with status 2, an interrupt with 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import sys
@@ -24,10 +25,29 @@ class CommandError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose usage errors are one line: ``memkd: error: ... (see --help)``."""
+    """An ArgumentParser whose usage errors are one line: ``memkd: error: ... (see --help)``, and
+    whose namespace says which options the command line gave: ``explicit``, the set of their dests
+    (so that a value given equal to its default is told apart from the default)."""
 
     def error(self, message: str):  # noqa: D401 - argparse's signature
         self.exit(EXIT_USAGE, f"memkd: error: {message} (see `{self.prog} --help`)\n")
+
+    def parse_known_args(self, args=None, namespace=None):
+        parsed, extras = super().parse_known_args(args, namespace)
+        defaults = [(action, action.default) for action in self._actions]
+        saved_defaults = self._defaults
+        try:  # parse again with no defaults: what is left was given
+            for action, _ in defaults:
+                action.default = argparse.SUPPRESS
+            self._defaults = {}
+            given, _ = super().parse_known_args(args, None)
+        finally:
+            for action, default in defaults:
+                action.default = default
+            self._defaults = saved_defaults
+        own = {action.dest for action in self._actions if hasattr(given, action.dest)}
+        parsed.explicit = own | getattr(given, "explicit", set())  # and those of the sub-command
+        return parsed, extras
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -151,7 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="memkd",
         formatter_class=_Formatter,
         description="MemKD (memory-guided knowledge distillation, ICCV 2023) for unsupervised anomaly detection.",
-        epilog="Run `memkd demo` for a 10-minute CPU tour on texture photographs; `memkd COMMAND --help` for details.",
+        epilog="Run `memkd demo` for a CPU tour on texture photographs (a few minutes: see `memkd demo --help`); "
+        "`memkd COMMAND --help` for details.",
     )
     parser.add_argument("--debug", action="store_true", default=False, help="show tracebacks on errors")
     from memkd import __version__
@@ -172,7 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
         "table (results.md, results.json, with the mean) is written to OUT. Defaults are the paper's recipe.",
     )
     train.add_argument("--dataset", choices=DATASET_NAMES, default="mvtec", help="dataset layout")
-    train.add_argument("--data-root", type=Path, required=True, help="the dataset's root folder")
+    train.add_argument(
+        "--data-root", type=Path, default=None, help="the dataset's root folder (required, except with --resume of one run: the stored one)"
+    )
     train.add_argument(
         "--category", default=None, help="category to train, or 'all' for every category under --data-root (folder datasets: none = the root itself)"
     )
@@ -198,7 +221,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_false",
         help="re-encode every exemplar set with the teacher instead of keeping each image's features (3.7 MB per image with WideResNet50)",
     )
-    train.add_argument("--resume", action="store_true", help="continue the checkpoint(s) in --out (e.g. with more --epochs)")
+    train.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the checkpoint(s) in --out with the settings stored there; of the options, only --epochs, "
+        "--save-every, --workers, --device, --channels-last, --compile and --no-exemplar-cache may change (the change "
+        "is printed), a different model, data or other setting is an error",
+    )
     train.add_argument("--out", type=Path, required=True, help="run directory (checkpoint and results)")
     _add_eval_options(train)
     _add_common(train)
@@ -272,7 +301,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
 
-
     # info
     info = _add_command(
         commands,
@@ -307,65 +335,185 @@ def _print(*args: Any) -> None:
     print(*args, flush=True)
 
 
+# `memkd train` options by what they set: MemKDConfig fields, TrainConfig fields, and the data.
+MODEL_OPTIONS = ("method", "backbone", "weights", "image_size", "memory_items", "exemplars")
+TRAIN_OPTIONS = (
+    "epochs", "batch_size", "lr", "seed", "save_every", "workers", "device", "amp", "channels_last", "compile",
+    "cache_exemplar_features",
+)
+
+
+def _option(dest: str) -> str:
+    """The command-line spelling of the ``memkd train`` option that sets ``dest``."""
+    return {"cache_exemplar_features": "--no-exemplar-cache"}.get(dest, "--" + dest.replace("_", "-"))
+
+
 def _train_config(args: argparse.Namespace, device: str):
     from memkd.train import TrainConfig
 
-    return TrainConfig(
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        seed=args.seed,
-        save_every=args.save_every,
-        workers=args.workers,
-        device=device,
-        amp=args.amp,
-        channels_last=args.channels_last,
-        compile=args.compile,
-        cache_exemplar_features=args.cache_exemplar_features,
-        progress=args.progress,
-    )
+    settings = {dest: getattr(args, dest) for dest in TRAIN_OPTIONS}
+    return TrainConfig(**{**settings, "device": device}, progress=args.progress)
+
+
+def _model_config(args: argparse.Namespace):
+    from memkd.models import MemKDConfig
+
+    return MemKDConfig(**{dest: getattr(args, dest) for dest in MODEL_OPTIONS})
+
+
+@dataclasses.dataclass
+class _Run:
+    """One category of ``memkd train``: where it trains, with what, and whether it resumes."""
+
+    category: Optional[str]
+    run_dir: Path
+    model_config: Any
+    train_config: Any
+    resume: bool
+
+
+def _stored_settings(args: argparse.Namespace, run_dir: Path):
+    """(model config, train config, notes) of the checkpoint in ``run_dir`` with the options given
+    on the command line applied: a changed model option, or a train option that a resumed run may
+    not change, is an error; the notes list the changes made."""
+    from memkd.models import MemKDConfig
+    from memkd.train import RESUME_CHANGEABLE, TrainConfig, read_header, resume_changes
+
+    header = read_header(run_dir)
+    stored_model = MemKDConfig.from_dict(header["config"])
+    for dest in (d for d in MODEL_OPTIONS if d in args.explicit):
+        value = getattr(args, dest)
+        try:
+            same = dataclasses.replace(stored_model, **{dest: value}) == stored_model
+        except ValueError:
+            same = False
+        if not same:
+            raise CommandError(
+                f"{_option(dest)} {value}: the run in {run_dir} was trained with {dest} {getattr(stored_model, dest)}, and "
+                "a resumed run keeps its model; train into a new --out for another"
+            )
+    if not header.get("training"):
+        raise CommandError(f"--resume: {run_dir} holds a checkpoint without training settings, not a training run")
+    stored = TrainConfig.from_dict(header["training"])
+    notes = []
+    overrides = {dest: getattr(args, dest) for dest in TRAIN_OPTIONS if dest in args.explicit and dest != "device"}
+    if "device" in args.explicit:
+        overrides["device"] = resolve_device(args.device)
+    elif stored.device is not None:
+        try:
+            resolve_device(stored.device)
+        except CommandError as unavailable:
+            overrides["device"] = resolve_device("auto")
+            notes.append(f"device {overrides['device']} ({unavailable})")
+    for dest, value in overrides.items():
+        if dest not in RESUME_CHANGEABLE and value != getattr(stored, dest):
+            changeable = ", ".join(_option(d) for d in TRAIN_OPTIONS if d in RESUME_CHANGEABLE)
+            raise CommandError(
+                f"{_option(dest)} {value}: the run in {run_dir} was trained with {getattr(stored, dest)}, and a resumed "
+                f"run keeps it to continue the same training (it may change {changeable}); train into a new --out to "
+                "change it"
+            )
+    requested = dataclasses.replace(stored, **overrides, progress=args.progress)
+    changes = resume_changes(stored, requested, header.get("epoch") or 0)
+    notes += [f"{_option(d)} {old} -> {new}" for d, (old, new) in changes.items() if d in TRAIN_OPTIONS and d in args.explicit]
+    epoch = header.get("epoch") or 0
+    where = f"at epoch {epoch} of {requested.epochs}" if epoch < requested.epochs else f"(all {epoch} epochs trained)"
+    notes.insert(0, f"resuming {run_dir} {where} with its stored settings")
+    return stored_model, requested, notes
+
+
+def _stored_data(args: argparse.Namespace, run_dir: Path) -> tuple[str, Optional[Path], Optional[str]]:
+    """(dataset, data root, category) of a resumed run: those stored in its checkpoint, unless
+    given; another dataset or category than stored is an error."""
+    from memkd.train import read_header
+
+    extra = read_header(run_dir)["extra"]
+    dataset, category = extra.get("dataset"), extra.get("category")
+    for dest, stored in (("dataset", dataset), ("category", category)):
+        if dest in args.explicit and "dataset" in extra and getattr(args, dest) != stored:
+            raise CommandError(
+                f"{_option(dest)} {getattr(args, dest)}: the run in {run_dir} trains on {dest} {stored}; "
+                "train into a new --out for another"
+            )
+    data_root = args.data_root if args.data_root is not None else (Path(extra["data_root"]) if extra.get("data_root") else None)
+    if data_root is None:
+        raise CommandError(f"--data-root: the checkpoint in {run_dir} does not say where its data is; pass --data-root")
+    return dataset if "dataset" in extra else args.dataset, data_root, category if "dataset" in extra else args.category
+
+
+def _plan_runs(args: argparse.Namespace) -> tuple[str, Path, list[_Run]]:
+    """(dataset, data root, runs) of ``memkd train``."""
+    from memkd.data import discover_categories
+    from memkd.train import has_checkpoint
+
+    if not args.resume or args.category == "all":
+        if args.data_root is None:
+            raise CommandError("--data-root: required (it may be left out only with --resume of one run, which reads it from the checkpoint)")
+        model_config, train_config = _model_config(args), _train_config(args, resolve_device(args.device))
+        if args.category == "all":
+            categories = discover_categories(args.dataset, args.data_root)
+            if not categories:
+                raise CommandError(f"no {args.dataset} categories found under {args.data_root}")
+        else:
+            categories = [args.category]
+        runs = [_Run(c, args.out / c if args.category == "all" else args.out, model_config, train_config, False) for c in categories]
+        if not args.resume:
+            return args.dataset, args.data_root, runs
+        # --category all --resume: continue each category that has a checkpoint; a category that
+        # has none yet starts with the settings of the first one that does
+        started = [run for run in runs if has_checkpoint(run.run_dir)]
+        if not started:
+            raise CommandError(f"--resume: no checkpoint under {args.out} to resume; train without --resume to start")
+        template = None
+        for run in started:
+            run.model_config, run.train_config, notes = _stored_settings(args, run.run_dir)
+            run.resume = True
+            _print("; ".join(notes))
+            template = template or run
+        for run in runs:
+            if not run.resume:
+                run.model_config, run.train_config = template.model_config, template.train_config
+                _print(f"{run.run_dir}: no checkpoint yet; training it from the start with the settings of {template.run_dir}")
+        return args.dataset, args.data_root, runs
+    if not has_checkpoint(args.out):
+        raise CommandError(
+            f"--resume: {args.out} holds no checkpoint to resume (a run stopped before its first checkpoint saves "
+            "none); train without --resume to start it"
+        )
+    dataset, data_root, category = _stored_data(args, args.out)
+    model_config, train_config, notes = _stored_settings(args, args.out)
+    _print("; ".join(notes))
+    return dataset, data_root, [_Run(category, args.out, model_config, train_config, True)]
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
-    from memkd.data import build_dataset, discover_categories
+    from memkd.data import build_dataset
     from memkd.evaluation import build_test_dataset, train_category, write_summary
-    from memkd.models import MemKDConfig
 
-    device = resolve_device(args.device)
-    model_config = MemKDConfig(
-        method=args.method,
-        backbone=args.backbone,
-        weights=args.weights,
-        image_size=args.image_size,
-        memory_items=args.memory_items,
-        exemplars=args.exemplars,
-    )
-    train_config = _train_config(args, device)
-    if args.category == "all":
-        categories = discover_categories(args.dataset, args.data_root)
-        if not categories:
-            raise CommandError(f"no {args.dataset} categories found under {args.data_root}")
-        runs = [(c, args.out / c) for c in categories]
-    else:
-        runs = [(args.category, args.out)]
-    # Check every layout before hours of training.
-    for category, _ in runs:
-        build_dataset(args.dataset, args.data_root, category, "train", image_size=args.image_size)
-        build_test_dataset(args.dataset, args.data_root, category, model_config, args.eval_size)
+    if args.out.exists() and not args.out.is_dir():
+        raise CommandError(f"--out: {args.out} is a file, not a run directory")
+    dataset, data_root, runs = _plan_runs(args)
+    # Check every layout, and decode every image, before hours of training.
+    for run in runs:
+        for split in (
+            build_dataset(dataset, data_root, run.category, "train", image_size=run.model_config.image_size),
+            build_test_dataset(dataset, data_root, run.category, run.model_config, args.eval_size),
+        ):
+            split.check_files(run.train_config.workers, args.progress)
     results = {}
-    for index, (category, run_dir) in enumerate(runs):
+    for index, run in enumerate(runs):
         if len(runs) > 1:
-            _print(f"[{index + 1}/{len(runs)}] {args.dataset}/{category} -> {run_dir}")
+            _print(f"[{index + 1}/{len(runs)}] {dataset}/{run.category} -> {run.run_dir}")
         evaluation = train_category(
-            args.dataset,
-            args.data_root,
-            category,
-            run_dir,
-            None if args.resume else model_config,
-            train_config,
-            resume=args.resume,
+            dataset,
+            data_root,
+            run.category,
+            run.run_dir,
+            None if run.resume else run.model_config,
+            run.train_config,
+            resume=run.resume,
             eval_size=args.eval_size,
             threshold_mode=args.threshold_mode,
             figures=args.figures,
@@ -373,12 +521,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
         if evaluation is None:  # a non-main process of a distributed run
             continue
-        results[category or args.data_root.name] = evaluation.report
-        _report_one(evaluation.report, run_dir)
+        results[run.category or Path(data_root).name] = evaluation.report
+        _report_one(evaluation.report, run.run_dir)
     if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
         return 0
     if len(runs) > 1:
-        md, js = write_summary(args.out, results, f"memkd train: {args.dataset}, method {args.method}")
+        method = runs[0].model_config.method
+        md, js = write_summary(args.out, results, f"memkd train: {dataset}, method {method}")
         _print("\n" + md.read_text())
         _print(f"results: {md} and {js}")
     return 0
@@ -529,10 +678,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def _predict_with_export(args: argparse.Namespace) -> int:
     """``memkd predict EXPORT_DIR``: the export's runtime scores the images (memkd.deploy)."""
     from memkd.export import predict_with_export
+    from memkd.reports import folder_lock
 
-    csv_path, rows, threshold = predict_with_export(
-        args.checkpoint, args.images, args.out, args.threshold, batch_size=args.batch_size, progress=args.progress
-    )
+    with folder_lock(args.out):  # as predict_images does: one writer per output folder
+        csv_path, rows, threshold = predict_with_export(
+            args.checkpoint, args.images, args.out, args.threshold, batch_size=args.batch_size, progress=args.progress
+        )
     return _report_predictions(args, csv_path, rows, threshold, "the export")
 
 
@@ -553,7 +704,6 @@ def cmd_export(args: argparse.Namespace) -> int:
     out = export_run(args.run_dir, args.format, args.out, input_kind=args.input)
     _print(f"wrote a {args.format} export to {out} (input: {args.input}; see {out / 'memkd_export.json'})")
     return 0
-
 
 
 def info_lines() -> list[str]:

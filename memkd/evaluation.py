@@ -1,7 +1,7 @@
 """Evaluating a model on a test set, choosing its decision threshold, and predicting new images.
 
 ``evaluate_model(model, test_set, out_dir)`` predicts the test images in batches, computes the
-metrics of SPEC.md (image AUROC/AP, pixel AUROC/AP, AUPRO@0.3; ``memkd.metrics``), chooses the
+metrics (image AUROC/AP, pixel AUROC/AP, AUPRO@0.3; ``memkd.metrics``), chooses the
 decision threshold and writes ``metrics.json``, ``metrics.md`` and ``figures/*.png`` (image,
 ground truth and heatmap overlay side by side for a sample of test images).
 
@@ -347,7 +347,18 @@ def evaluate_model(
     check_normalisation(config)
     if tuple(test_set.image_size) != model_size(config):
         raise ValueError(f"test set: images are {test_set.image_size}, the model takes {model_size(config)}")
-    out_dir = Path(out_dir)
+    with reports.folder_lock(out_dir):
+        return _evaluate(
+            model, test_set, Path(out_dir), dataset, category, eval_size, threshold_mode, figures, batch_size, workers,
+            progress, seed, info, compile, predictor,
+        )
+
+
+def _evaluate(
+    model, test_set, out_dir, dataset, category, eval_size, threshold_mode, figures, batch_size, workers, progress,
+    seed, info, compile, predictor,
+) -> Evaluation:
+    config = model.config
     label = f"{dataset}/{category}" if dataset or category else "test"
     predictions = predict_dataset(
         model, test_set, batch_size, workers, progress, desc=f"test {label}", compile=compile, predictor=predictor
@@ -459,7 +470,7 @@ def write_summary(out_dir: PathLike, results: dict[str, dict[str, Any]], title: 
     table = reports.metrics_table(
         rows, extra_columns=[("threshold", lambda c, _: "n/a" if thresholds[c] is None else f"{thresholds[c]:.4g}")]
     )
-    text = f"# {title}\n\nMetrics in percent (SPEC.md definitions); the mean is over categories.\n\n{table}"
+    text = f"# {title}\n\nMetrics in percent ({reports.METRIC_DEFINITIONS}); the mean is over categories.\n\n{table}"
     summary = {
         "title": title,
         "categories": {c: r["metrics"] for c, r in results.items()},
@@ -500,14 +511,13 @@ def train_category(
     check_normalisation(config)
     train_set = build_dataset(dataset, data_root, category, "train", image_size=model_size(config))
     test_set = build_test_dataset(dataset, data_root, category, config, parse_eval_size(eval_size))
+    provenance = {"dataset": dataset, "category": category, "data_root": str(Path(data_root).resolve())}
     started = time.perf_counter()
-    model = Trainer(train_set, run_dir, model_config, train_config, resume).fit()
+    model = Trainer(train_set, run_dir, model_config, train_config, resume, extra=provenance).fit()
     train_seconds = time.perf_counter() - started
     if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return None  # rank 0 evaluates and writes
-    update_checkpoint_extra(
-        run_dir, {"dataset": dataset, "category": category, "data_root": str(Path(data_root).resolve())}
-    )
+    update_checkpoint_extra(run_dir, provenance)  # a resumed run that had nothing left to train saved nothing
     evaluation = evaluate_model(
         model,
         test_set,
@@ -598,14 +608,19 @@ def predict_images(
     compile: bool = False,
     predictor: Optional[Predictor] = None,
 ) -> tuple[Path, list[dict[str, Any]]]:
-    """Score every image under ``inputs`` in batches, write ``<name>_heatmap.png`` overlays (at the
-    image's own resolution, colours over ``heatmap_range`` or else each map's own range) and a CSV
-    (path, score, decision, threshold, heatmap). Unreadable files get decision "error". ``compile``:
-    predict through a ``CompiledPredictor``; ``predictor``: through this instead."""
-    predict = predictor or (CompiledPredictor(model) if compile else model.predict)
+    """Score every image under ``inputs`` in batches, write a ``<name>_heatmap.png`` figure per image
+    (``write_prediction_figure``) and a CSV (path, score, decision, threshold, heatmap). Unreadable
+    files get decision "error". The output folder is locked meanwhile (``reports.folder_lock``).
+    ``compile``: predict through a ``CompiledPredictor``; ``predictor``: through this instead."""
     files = collect_images(inputs)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    with reports.folder_lock(out_dir):
+        return _predict_files(model, files, Path(out_dir), threshold, heatmap_range, batch_size, workers, progress, csv_name, compile, predictor)
+
+
+def _predict_files(
+    model, files, out_dir, threshold, heatmap_range, batch_size, workers, progress, csv_name, compile, predictor
+) -> tuple[Path, list[dict[str, Any]]]:
+    predict = predictor or (CompiledPredictor(model) if compile else model.predict)
     dataset = ImageFiles([path for path, _ in files], model.config)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers or 0, collate_fn=_collate_files)
     rows: list[dict[str, Any]] = []
@@ -618,13 +633,31 @@ def predict_images(
             if error:
                 rows.append(prediction_row(path, None, threshold, "", error))
                 continue
-            vrange = tuple(heatmap_range) if heatmap_range else (float(amap.min()), float(amap.max()) + 1e-6)
             heatmap = f"{name}_heatmap.png"
-            reports.write_png(out_dir / heatmap, reports.overlay(original, amap, *vrange))
+            write_prediction_figure(out_dir / heatmap, original, amap, float(score), threshold, Path(path).name, heatmap_range)
             rows.append(prediction_row(path, float(score), threshold, heatmap, ""))
         bar.update(len(maps))
     bar.close()
     return write_predictions_csv(out_dir / csv_name, rows), rows
+
+
+def write_prediction_figure(
+    path: Path, image: np.ndarray, amap: np.ndarray, score: float, threshold: float, name: str,
+    heatmap_range: Optional[Sequence[float]],
+) -> Path:
+    """The PNG of one predicted image (``reports.prediction_figure``): colours over the model's
+    ``heatmap_range`` (stored with the threshold by ``memkd test``), else over the map's own range,
+    which the figure then says."""
+    if heatmap_range:
+        vrange = (float(heatmap_range[0]), float(heatmap_range[1]))
+        note = (f"Colour scale {vrange[0]:.4g} to {vrange[1]:.4g}, fixed for this model (chosen by memkd test with "
+                "its threshold): colours compare across images; values outside it take its end colours.")
+    else:
+        vrange = (float(amap.min()), float(amap.max()) + 1e-6)
+        note = (f"Colour scale {vrange[0]:.4g} to {vrange[1]:.4g}: this image's own range, as the checkpoint stores "
+                "none (run memkd test to store one): colours do not compare across images.")
+    figure = reports.prediction_figure(np.asarray(image), amap, vrange, threshold, name, score, note)
+    return reports.save_figure(figure, path)
 
 
 PREDICTIONS_CSV_HEADER = ("path", "score", "decision", "threshold", "heatmap", "error")

@@ -111,8 +111,8 @@ def test_python_m_memkd_help(tmp_path):
 
 
 def test_usage_error_is_one_line(capsys):
-    assert main(["train", "--category", "bottle"]) == 2  # --data-root and --out missing
-    assert "--data-root" in single_error_line(capsys)
+    assert main(["train", "--category", "bottle"]) == 2  # --out missing (--data-root may come from a resumed run)
+    assert "required: --out" in single_error_line(capsys)
 
 
 # ---- train --------------------------------------------------------------------------------------
@@ -210,8 +210,6 @@ def test_predict_uses_stored_threshold(run_dir, data_root, tmp_path, capsys):
         assert row["decision"] == ("anomalous" if float(row["score"]) > threshold else "normal")
         assert float(row["threshold"]) == pytest.approx(threshold)
         assert is_png(out / row["heatmap"])
-        with Image.open(out / row["heatmap"]) as overlay, Image.open(row["path"]) as original:
-            assert overlay.size == original.size
     assert "from the checkpoint" in capsys.readouterr().out
 
 
@@ -237,6 +235,127 @@ def test_predict_scores_match_test_scores(run_dir, data_root, tmp_path, compiled
     predictions = predict_dataset(checkpoint.model, build_test_dataset("mvtec", data_root, "bottle", checkpoint.config), progress=False)
     for path, score in zip(predictions.paths, predictions.scores):
         assert scores[Path(path).resolve()] == pytest.approx(float(score), rel=1e-4 if compiled else 1e-5, abs=1e-6)
+
+
+def test_predict_figure_explains_itself_at_a_readable_size(run_dir, tmp_path):
+    """A 10x10 input gives a figure of at least 256 pixels per image panel, titled with the name, the
+    decision, score and threshold, with a colour bar over the range stored by `memkd test`."""
+    from memkd import reports
+    from memkd.evaluation import write_prediction_figure
+
+    tiny = tmp_path / "tiny.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (10, 10, 3), dtype=np.uint8)).save(tiny)
+    out = tmp_path / "pred"
+    assert main(["predict", str(run_dir), str(tiny), "--out", str(out), "--workers", "0", "--no-progress"]) == 0
+    with Image.open(out / "tiny_heatmap.png") as picture:
+        assert picture.width >= 2 * 256 and picture.height >= 256
+    captured = {}
+    original = reports.prediction_figure
+    extra = load_checkpoint(run_dir).extra
+    try:
+        reports.prediction_figure = lambda *args: captured.setdefault("figure", original(*args))
+        amap = np.linspace(0.0, 1.0, 64 * 64, dtype=np.float32).reshape(64, 64)
+        write_prediction_figure(tmp_path / "a.png", np.zeros((10, 10, 3), np.uint8), amap, 0.75, 0.5, "tiny.png", extra["heatmap_range"])
+    finally:
+        reports.prediction_figure = original
+    figure = captured["figure"]
+    assert figure._suptitle.get_text() == "tiny.png: anomalous, score 0.75 > threshold 0.5"
+    bar = figure.axes[-1]  # the colour bar's axis
+    assert bar.get_ylim() == pytest.approx(tuple(extra["heatmap_range"]))
+    assert "fixed for this model" in figure._supxlabel.get_text()
+    assert figure.axes[1].images[0].get_array().shape[0] >= 256
+
+
+def test_predict_into_a_folder_in_use_is_refused_and_a_rerun_says_it_replaces(run_dir, data_root, tmp_path, capsys):
+    out = tmp_path / "pred"
+    out.mkdir()
+    images = str(data_root / "bottle" / "test" / "good")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a'); fcntl.flock(f, fcntl.LOCK_EX); "
+         "print('locked', flush=True); time.sleep(60)", str(out / ".memkd.lock")],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert holder.stdout.readline() == b"locked\n"
+        assert main(["predict", str(run_dir), images, "--out", str(out), "--threshold", "1", "--workers", "0", "--no-progress"]) == 1
+        assert "another memkd process is writing into" in single_error_line(capsys)
+        assert not (out / "predictions.csv").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    for _ in range(2):
+        assert main(["predict", str(run_dir), images, "--out", str(out), "--threshold", "1", "--workers", "0", "--no-progress"]) == 0
+    assert capsys.readouterr().out.count("holds the predictions.csv of an earlier run: it is replaced") == 1
+
+
+def test_out_that_is_a_file(run_dir, data_root, tmp_path, capsys):
+    file = tmp_path / "file"
+    file.write_text("x")
+    assert main(["train", "--data-root", str(data_root), "--category", "bottle", "--out", str(file), *FAST]) == 1
+    assert "is a file" in single_error_line(capsys)
+    assert main(["predict", str(run_dir), str(data_root / "bottle" / "test"), "--out", str(file), "--threshold", "1", "--workers", "0"]) == 1
+    assert "--out" in single_error_line(capsys)
+
+
+def test_undecodable_training_image_fails_before_training(data_root, tmp_path, capsys):
+    root = tmp_path / "data"
+    shutil.copytree(data_root / "bottle", root / "bottle")
+    (root / "bottle" / "train" / "good" / "002.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    out = tmp_path / "run"
+    assert main(["train", "--data-root", str(root), "--category", "bottle", "--out", str(out), *FAST]) == 1
+    line = single_error_line(capsys)
+    assert "cannot read image" in line and "002.png" in line
+    assert not out.exists()  # nothing started
+
+
+# ---- resume -------------------------------------------------------------------------------------
+
+
+def test_resume_keeps_the_stored_settings_and_announces_changes(run_dir, tmp_path, capsys):
+    run = copy_run(run_dir, tmp_path)  # a copy without symlinks: plain files and directories
+    capsys.readouterr()
+    assert main(["train", "--resume", "--out", str(run), "--epochs", "2", "--save-every", "3", "--no-progress"]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first == f"resuming {run} at epoch 1 of 2 with its stored settings; --epochs 1 -> 2; --save-every 10 -> 3"
+    checkpoint = load_checkpoint(run)
+    assert checkpoint.epoch == 2 and checkpoint.step == 2  # batch 4 of 4 images, as stored (not the default 16)
+    assert (checkpoint.training["batch_size"], checkpoint.training["save_every"], checkpoint.training["workers"]) == (4, 3, 0)
+    assert checkpoint.config.backbone == "resnet18" and checkpoint.extra["threshold"] is not None
+
+
+@pytest.mark.parametrize(
+    "option, value, stored",
+    [("--backbone", "resnet34", "resnet18"), ("--image-size", "32", "(64, 64)"), ("--method", "rd", "memkd"),
+     ("--memory-items", "9", "(8, 8, 8)"), ("--batch-size", "8", "4"), ("--lr", "0.01", "0.005"), ("--seed", "1", "0"),
+     ("--category", "cable", "bottle")],
+)
+def test_resume_refuses_a_changed_model_recipe_or_data(option, value, stored, run_dir, tmp_path, capsys):
+    before = (run_dir / "config.json").read_bytes()
+    assert main(["train", "--resume", "--out", str(run_dir), option, value]) == 1
+    line = single_error_line(capsys)
+    assert line.startswith(f"memkd: error: {option} {value}: the run in {run_dir}") and stored in line, line
+    assert (run_dir / "config.json").read_bytes() == before
+
+
+def test_resume_all_categories_starts_the_missing_ones_with_the_stored_settings(data_root, tmp_path, capsys):
+    out = tmp_path / "all"
+    assert main(["train", "--data-root", str(data_root), "--category", "bottle", "--method", "rd", "--out", str(out / "bottle"), *FAST]) == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", "--data-root", str(data_root), "--category", "all", "--out", str(out), "--no-progress"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"resuming {out / 'bottle'} (all 1 epochs trained) with its stored settings"
+    assert lines[1] == f"{out / 'cable'}: no checkpoint yet; training it from the start with the settings of {out / 'bottle'}"
+    cable = load_checkpoint(out / "cable")
+    assert cable.config == load_checkpoint(out / "bottle").config and cable.config.method == "rd"
+    assert (cable.training["batch_size"], cable.training["epochs"]) == (4, 1) and cable.extra["category"] == "cable"
+    assert "| cable |" in (out / "results.md").read_text()
+
+
+def test_resume_without_a_checkpoint(tmp_path, capsys):
+    assert main(["train", "--resume", "--out", str(tmp_path / "empty")]) == 1
+    assert "holds no checkpoint to resume" in single_error_line(capsys)
+    assert main(["train", "--out", str(tmp_path / "empty")]) == 1
+    assert "--data-root: required" in single_error_line(capsys)
 
 
 # ---- info ---------------------------------------------------------------------------------------

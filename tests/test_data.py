@@ -135,6 +135,19 @@ def test_mask_of_other_size_than_image(mvtec_root):
         dataset[0]
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_check_files_decodes_every_image_and_mask_up_front(mvtec_root, workers):
+    for split in ("train", "test"):
+        build_dataset("mvtec", mvtec_root, "bottle", split, image_size=SIZE).check_files(workers)
+    (mvtec_root / "bottle/train/good/001.png").write_bytes(b"\x89PNG\r\n\x1a\n cut short")
+    train = build_dataset("mvtec", mvtec_root, "bottle", "train", image_size=SIZE)  # indexing does not open files
+    with pytest.raises(DatasetError, match="cannot read image .*train/good/001.png"):
+        train.check_files(workers)
+    write_mask(mvtec_root / "bottle/ground_truth/broken/001_mask.png", size=(WIDTH, HEIGHT + 2))
+    with pytest.raises(DatasetError, match="001_mask.png is 40x32 but its image"):
+        build_dataset("mvtec", mvtec_root, "bottle", "test", image_size=SIZE).check_files(workers)
+
+
 @pytest.mark.parametrize(
     "damage, message",
     [

@@ -19,6 +19,7 @@ from memkd.train import (
     TrainConfig,
     Trainer,
     load_checkpoint,
+    resume_changes,
     save_checkpoint,
     train,
     update_checkpoint_extra,
@@ -90,7 +91,12 @@ def test_training_lowers_the_loss_and_logs_every_term(trained):
 def test_checkpoint_files_and_config(trained):
     run_dir, model = trained
     files = sorted(p.name for p in run_dir.iterdir())
-    assert files == ["config.json", "log.jsonl", "model.safetensors", "training_state.pt"]
+    version = os.readlink(run_dir / "checkpoint")
+    assert version.startswith(".checkpoint-e3-s6-")
+    assert files == [version, ".memkd.lock", "checkpoint", "config.json", "log.jsonl", "model.safetensors", "training_state.pt"]
+    for name in ("config.json", "model.safetensors", "training_state.pt"):  # one version, reached through `checkpoint`
+        assert os.readlink(run_dir / name) == f"checkpoint/{name}"
+        assert (run_dir / os.readlink(run_dir / "checkpoint") / name).is_file()
     header = json.loads((run_dir / "config.json").read_text())
     assert header["memkd_version"] == memkd.__version__
     assert header["config"] == model.config.to_dict()
@@ -255,9 +261,18 @@ def test_extra_is_kept_and_updated(saved):
     assert load_checkpoint(other).extra == {"threshold": 1.5}
 
 
+def tree(directory) -> dict:
+    """Every entry under ``directory``: a symlink's target, a file's bytes (a directory holds its entries)."""
+    return {
+        str(p.relative_to(directory)): os.readlink(p) if p.is_symlink() else p.read_bytes()
+        for p in directory.rglob("*")
+        if p.is_symlink() or p.is_file()
+    }
+
+
 def test_failed_save_leaves_the_previous_checkpoint(saved, monkeypatch):
     directory, model = saved
-    before = {p.name: p.read_bytes() for p in directory.iterdir()}
+    before = tree(directory)
 
     def crash(*args, **kwargs):
         raise OSError("disk full")
@@ -265,7 +280,7 @@ def test_failed_save_leaves_the_previous_checkpoint(saved, monkeypatch):
     monkeypatch.setattr(checkpoint_module.torch, "save", crash)
     with pytest.raises(OSError, match="disk full"):
         save_checkpoint(model, directory, epoch=9, step=99, training_state={"optimizer": {}})
-    assert {p.name: p.read_bytes() for p in directory.iterdir()} == before  # nothing replaced, no temp files
+    assert tree(directory) == before  # nothing replaced, no temporary files
 
 
 def test_truncated_weights_name_the_file(saved):
@@ -317,7 +332,7 @@ def test_missing_files(saved, tmp_path):
     directory, _ = saved
     with pytest.raises(FileNotFoundError, match="config.json"):
         load_checkpoint(tmp_path / "nothing")
-    (directory / "model.safetensors").unlink()
+    (directory / "checkpoint" / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         load_checkpoint(directory)
 
@@ -332,11 +347,38 @@ def test_resume_refuses_a_corrupt_state_or_another_config(tmp_path):
         train(data, tmp_path, model_config(method="rd"), train_config(epochs=2))
     with pytest.raises(ValueError, match=r"model_config: .*\['memory_items'\]|model_config: .*differs"):
         train(data, tmp_path, model_config(method="rd", exemplars=5), train_config(epochs=2), resume=True)
+    with pytest.raises(ValueError, match=r"train_config: a resumed run keeps its batch_size 4 \(got 2\)"):
+        train(data, tmp_path, train_config=train_config(epochs=2, batch_size=2), resume=True)
     (tmp_path / "training_state.pt").write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="training_state.pt"):
         train(data, tmp_path, train_config=train_config(epochs=2), resume=True)
     with pytest.raises(FileNotFoundError, match="config.json"):
         train(data, tmp_path / "fresh", train_config=train_config(), resume=True)
+
+
+def test_resume_changes_allows_only_what_keeps_the_training():
+    stored = train_config(epochs=4)
+    assert resume_changes(stored, train_config(epochs=6, save_every=2, workers=1), epoch=3) == {
+        "epochs": (4, 6), "save_every": (10, 2), "workers": (0, 1)
+    }
+    for unsafe in (dict(batch_size=2), dict(lr=0.01), dict(seed=4), dict(amp=True), dict(betas=(0.9, 0.999))):
+        with pytest.raises(ValueError, match=f"train_config: a resumed run keeps its {next(iter(unsafe))} "):
+            resume_changes(stored, train_config(epochs=4, **unsafe), epoch=3)
+    with pytest.raises(ValueError, match="^epochs: the run has already trained 3 epochs, got 2"):
+        resume_changes(stored, train_config(epochs=2), epoch=3)
+
+
+def test_files_honour_the_umask(tmp_path):
+    torch.manual_seed(0)
+    model = build_model(model_config(method="rd"))
+    previous = os.umask(0o027)
+    try:
+        directory = save_checkpoint(model, tmp_path / "ckpt", training_state={"optimizer": {}})
+    finally:
+        os.umask(previous)
+    for name in ("model.safetensors", "config.json", "training_state.pt"):
+        assert (directory / name).stat().st_mode & 0o777 == 0o640, name
+    assert (directory / "checkpoint").stat().st_mode & 0o777 == 0o750
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -83,6 +84,18 @@ class AnomalyDataset(Dataset):
         if self.native_masks:
             item["mask_native"] = torch.from_numpy(native_mask.astype(np.uint8))[None]
         return item
+
+    def check_files(self, workers: Optional[int] = None, progress: bool = False) -> None:
+        """Load every item now (images and masks decoded, sizes checked), so that a bad file fails
+        before training rather than when training reaches it; raises DatasetError naming the file.
+        ``workers`` threads decode in parallel (None: ``default_workers()``)."""
+        from tqdm.auto import tqdm
+
+        threads = max(1, default_workers() if workers is None else workers)
+        with ThreadPoolExecutor(threads) as pool:
+            loads = pool.map(self.__getitem__, range(len(self)))
+            for _ in tqdm(loads, total=len(self), desc=f"check {self.description}", unit="image", disable=not progress, leave=False):
+                pass
 
     def __repr__(self) -> str:
         anomalous = sum(self.labels)

@@ -2,6 +2,7 @@
 from memkd.train.checkpoint import (
     Checkpoint,
     CheckpointError,
+    has_checkpoint,
     load_checkpoint,
     read_header,
     save_checkpoint,
@@ -9,16 +10,19 @@ from memkd.train.checkpoint import (
 )
 from memkd.train.distributed import DistributedContext, init_distributed
 from memkd.train.trainer import (
+    RESUME_CHANGEABLE,
     ExemplarBatches,
     ExemplarFeatureCache,
     TrainConfig,
     Trainer,
     collate_images,
     image_of,
+    resume_changes,
     train,
 )
 
 __all__ = [
+    "RESUME_CHANGEABLE",
     "Checkpoint",
     "CheckpointError",
     "DistributedContext",
@@ -27,10 +31,12 @@ __all__ = [
     "TrainConfig",
     "Trainer",
     "collate_images",
+    "has_checkpoint",
     "image_of",
     "init_distributed",
     "load_checkpoint",
     "read_header",
+    "resume_changes",
     "save_checkpoint",
     "train",
     "update_checkpoint_extra",

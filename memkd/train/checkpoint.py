@@ -10,15 +10,29 @@
                              config, and ``extra``: free-form JSON for callers (e.g. a threshold).
 ``<dir>/training_state.pt``  training checkpoints only: optimizer, RNG states, epoch and step.
 
-Every file is written to a temporary name and moved into place with os.replace, all of them only
-after all were written; epoch and step are recorded in each file so that a set torn by a crash is
+A checkpoint is one atomic unit. Its files live in a version directory
+``<dir>/.checkpoint-e<epoch>-s<step>-<token>/``, written completely and fsynced before the symlink
+``<dir>/checkpoint`` is switched to it with one rename; ``<dir>/config.json`` and the other names
+above are symlinks through ``checkpoint``, so paths into the directory keep working. Whenever a
+process is killed, ``checkpoint`` points at the previous complete version or at the new complete
+one; a version directory it does not point at is a leftover of an interrupted save, ignored by the
+loader and removed by the next save. A directory whose config.json is a plain file (a copy made
+without symlinks, or a checkpoint of an older memkd) is read as it is, and turned into the layout
+above by its next save. Epoch and step are recorded in each file, so a set mixed up by hand is
 detected on load.
+
+Testing hook: ``MEMKD_CHECKPOINT_KILL="<save>.<point>:<signal>"`` makes the process send itself
+``<signal>`` (e.g. SIGKILL) at point ``<point>`` (1-based, ``SAVE_POINTS``) of its ``<save>``-th
+save, so that tests can interrupt a real run at every point of a save.
 """
 from __future__ import annotations
 
 import json
 import os
 import random
+import secrets
+import shutil
+import signal
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +50,21 @@ from memkd.models.backbones import is_weight_enum_name
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 STATE_FILE = "training_state.pt"
+FILES = (MODEL_FILE, CONFIG_FILE, STATE_FILE)
+CURRENT = "checkpoint"  # the symlink to the current version directory
+VERSION_PREFIX = ".checkpoint-"
+LINK_PREFIX = ".checkpoint-link-"
+KILL_VARIABLE = "MEMKD_CHECKPOINT_KILL"
+# The points of a save at which the testing hook can interrupt it, in order.
+SAVE_POINTS = (
+    "version directory created",
+    f"{MODEL_FILE} written",
+    f"{CONFIG_FILE} written",
+    f"{STATE_FILE} written",
+    f"{CURRENT} switched",
+    "top-level links made",
+    "old versions removed",
+)
 FORMAT = "memkd-checkpoint"
 FORMAT_VERSION = 1
 
@@ -66,7 +95,23 @@ class Checkpoint:
 def checkpoint_directory(path: PathLike) -> Path:
     """The checkpoint directory for ``path``: the directory itself or any file in it."""
     path = Path(path)
-    return path.parent if path.name in (MODEL_FILE, CONFIG_FILE, STATE_FILE) else path
+    return path.parent if path.name in FILES else path
+
+
+def files_directory(path: PathLike) -> Path:
+    """Where the files of the checkpoint at ``path`` are: the checkpoint directory itself when its
+    ``config.json`` is a plain file (a copy made without symlinks, or an older memkd's checkpoint),
+    else the version directory ``checkpoint`` points at, resolved once so that every file is read
+    from the same version."""
+    directory = checkpoint_directory(path)
+    config, current = directory / CONFIG_FILE, directory / CURRENT
+    plain = config.is_file() and not config.is_symlink()
+    return Path(os.path.realpath(current)) if current.is_dir() and not plain else directory
+
+
+def has_checkpoint(path: PathLike) -> bool:
+    """Whether the directory at ``path`` (or the directory of a file in it) holds a checkpoint."""
+    return (files_directory(path) / CONFIG_FILE).is_file()
 
 
 def teacher_is_named(config: MemKDConfig) -> bool:
@@ -75,12 +120,35 @@ def teacher_is_named(config: MemKDConfig) -> bool:
 
 
 def _fsync(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
+    """Flush a file, or a directory's entries, to the disk."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def _write_json(path: Path, data: Mapping[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _reached(save: int, point: int) -> None:
+    """The testing hook (see the module doc): signal this process at ``point`` of save ``save``."""
+    plan = os.environ.get(KILL_VARIABLE)
+    if not plan:
+        return
+    where, _, name = plan.partition(":")
+    if where == f"{save}.{point}":
+        os.kill(os.getpid(), getattr(signal, name or "SIGKILL"))
+
+
+_saves = 0  # saves started by this process, for the testing hook
 
 
 def save_checkpoint(
@@ -94,12 +162,16 @@ def save_checkpoint(
     training: Optional[Mapping[str, Any]] = None,
     training_state: Optional[Mapping[str, Any]] = None,
 ) -> Path:
-    """Write ``model`` to ``directory`` (created if needed) and return the directory.
+    """Write ``model`` to ``directory`` (created if needed) as one atomic unit (see the module doc)
+    and return the directory.
 
     include_teacher: None stores the teacher unless its weights are named torchvision weights.
     training: the training config (a JSON dict) kept for the record; training_state: optimizer and
-    RNG states for resuming (``training_state.pt``; a stale one is removed when not given).
+    RNG states for resuming (``training_state.pt``; the new checkpoint has none when not given).
     """
+    global _saves
+    _saves += 1
+    save = _saves
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config = model.config
@@ -129,15 +201,81 @@ def save_checkpoint(
     }
     if training_state is not None:
         files[STATE_FILE] = lambda p: torch.save({**training_state, "format": FORMAT, "epoch": epoch, "step": step}, p)
-    with _temporaries([directory / name for name in files]) as temps:
-        for (name, write), tmp in zip(files.items(), temps):
-            write(tmp)
-            _fsync(tmp)
-        for name, tmp in zip(files, temps):
-            os.replace(tmp, directory / name)
-    if training_state is None:
-        (directory / STATE_FILE).unlink(missing_ok=True)
+    remove_leftovers(directory)
+    token = secrets.token_hex(4)
+    version = directory / f"{VERSION_PREFIX}e{epoch}-s{step}-{token}"
+    file_mode = 0o666 & ~_umask()
+    try:
+        version.mkdir()
+        _reached(save, 1)
+        for name, point in ((MODEL_FILE, 2), (CONFIG_FILE, 3), (STATE_FILE, 4)):
+            if name in files:
+                path = version / name
+                files[name](path)
+                os.chmod(path, file_mode)  # safetensors creates its file 0600 whatever the umask
+                _fsync(path)
+            _reached(save, point)
+        _fsync(version)
+        _link_files(directory, files, token, before_switch=True)
+        _switch_link(directory / CURRENT, version.name, f"{LINK_PREFIX}{token}")
+    except BaseException:
+        if os.path.realpath(directory / CURRENT) != os.path.realpath(version):
+            shutil.rmtree(version, ignore_errors=True)  # nothing refers to it
+        raise
+    _fsync(directory)
+    _reached(save, 5)
+    _link_files(directory, files, token, before_switch=False)
+    _fsync(directory)
+    _reached(save, 6)
+    remove_leftovers(directory)
+    _reached(save, 7)
     return directory
+
+
+def _link_files(directory: Path, files: Mapping[str, Any], token: str, before_switch: bool) -> None:
+    """Make ``<directory>/<name>`` a symlink to ``checkpoint/<name>`` for each file of the new
+    checkpoint, and remove the name of a file it lacks. Before the switch only what cannot break
+    the current checkpoint is done (new links); plain files are replaced, and links to a file the
+    new checkpoint lacks removed, after it, config.json first: while it is a plain file the loader
+    reads the plain files (``files_directory``), all of the previous checkpoint."""
+    for name in (CONFIG_FILE, MODEL_FILE, STATE_FILE):
+        entry = directory / name
+        is_link = entry.is_symlink()
+        if name in files:
+            if is_link and os.readlink(entry) == f"{CURRENT}/{name}":
+                continue
+            if before_switch and (is_link or entry.exists()):
+                continue
+            _switch_link(entry, f"{CURRENT}/{name}", f"{LINK_PREFIX}{token}-{name}")
+        elif not before_switch and (is_link or entry.exists()):
+            entry.unlink()
+
+
+def _switch_link(path: Path, target: str, temporary_name: str) -> None:
+    """Make ``path`` a symlink to ``target`` with one rename. A real directory at ``path`` (a copy
+    of a checkpoint made without symlinks) is first moved aside as an old version; while it is, the
+    plain files beside it still hold that same checkpoint."""
+    temporary = path.with_name(temporary_name)
+    temporary.unlink(missing_ok=True)
+    os.symlink(target, temporary)
+    if path.is_dir() and not path.is_symlink():
+        os.rename(path, path.with_name(f"{VERSION_PREFIX}copied-{secrets.token_hex(4)}"))
+    os.replace(temporary, path)
+
+
+def remove_leftovers(directory: PathLike) -> None:
+    """Remove what interrupted saves leave in a checkpoint directory: version directories that
+    ``checkpoint`` does not point at, temporary links, and temporaries of older memkd versions."""
+    directory = Path(directory)
+    current = os.path.realpath(directory / CURRENT) if (directory / CURRENT).is_symlink() else None
+    for entry in directory.iterdir() if directory.is_dir() else ():
+        if entry.name.startswith(LINK_PREFIX):
+            entry.unlink(missing_ok=True)
+        elif entry.name.startswith(VERSION_PREFIX) and entry.is_dir() and not entry.is_symlink():
+            if os.path.realpath(entry) != current:
+                shutil.rmtree(entry, ignore_errors=True)
+        elif any(entry.name.startswith(f".{name}.tmp-") for name in FILES):
+            entry.unlink(missing_ok=True)
 
 
 @contextmanager
@@ -152,7 +290,7 @@ def _temporaries(paths: list[Path]) -> Iterator[list[Path]]:
 
 def read_header(directory: PathLike) -> dict[str, Any]:
     """The parsed and checked ``config.json`` of a checkpoint directory."""
-    path = checkpoint_directory(directory) / CONFIG_FILE
+    path = files_directory(directory) / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint: no {CONFIG_FILE} at {path}")
     try:
@@ -210,8 +348,9 @@ def load_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu") ->
     corrupt, truncated or mismatched one.
     """
     directory = checkpoint_directory(path)
-    header = read_header(directory)
-    config_path, model_path = directory / CONFIG_FILE, directory / MODEL_FILE
+    files = files_directory(directory)
+    header = read_header(files)
+    config_path, model_path = files / CONFIG_FILE, files / MODEL_FILE
     try:
         config = MemKDConfig.from_dict(header["config"])
     except (TypeError, ValueError) as exc:
@@ -246,7 +385,7 @@ def load_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu") ->
 
 def update_checkpoint_extra(path: PathLike, updates: Mapping[str, Any]) -> dict[str, Any]:
     """Merge ``updates`` into the checkpoint's ``extra`` (config.json rewritten atomically); returns it."""
-    directory = checkpoint_directory(path)
+    directory = files_directory(path)  # the current version's config.json, replaced on its own
     header = read_header(directory)
     header["extra"] = {**header["extra"], **updates}
     json.dumps(header)  # not JSON: fail before touching the file
@@ -260,7 +399,7 @@ def update_checkpoint_extra(path: PathLike, updates: Mapping[str, Any]) -> dict[
 
 def load_training_state(path: PathLike, epoch: Optional[int], step: Optional[int]) -> dict[str, Any]:
     """The training state of a checkpoint, checked to belong to the same ``epoch`` and ``step``."""
-    file = checkpoint_directory(path) / STATE_FILE
+    file = files_directory(path) / STATE_FILE
     if not file.is_file():
         raise FileNotFoundError(f"checkpoint: no {STATE_FILE} at {file}; it is not a training checkpoint")
     try:

@@ -31,11 +31,12 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDa
 from tqdm.auto import tqdm
 
 from memkd.data import default_workers
+from memkd.reports import folder_lock
 from memkd.models import MemKD, MemKDConfig, build_model
 from memkd.models.config import check_int, check_known_fields
 from memkd.train.checkpoint import (
-    CONFIG_FILE,
     capture_rng_state,
+    has_checkpoint,
     load_checkpoint,
     load_training_state,
     read_header,
@@ -46,6 +47,12 @@ from memkd.train.distributed import DistributedContext, all_reduce_mean, init_di
 
 LOG_FILE = "log.jsonl"
 TrainingData = Union[Dataset, DataLoader]
+# The train settings a resumed run may change: none alters the data order, the exemplar sets or
+# the recipe of the remaining steps (device, channels_last and compile can change rounding).
+RESUME_CHANGEABLE = (
+    "epochs", "save_every", "log_every", "workers", "device", "channels_last", "compile", "compile_backend",
+    "cache_exemplar_features", "progress",
+)
 
 
 @dataclass(frozen=True)
@@ -104,6 +111,27 @@ class TrainConfig:
     def from_dict(cls, data: Mapping[str, Any]) -> "TrainConfig":
         check_known_fields(cls, data, "train config")
         return cls(**data)
+
+
+def resume_changes(stored: TrainConfig, requested: TrainConfig, epoch: int) -> dict[str, tuple[Any, Any]]:
+    """The settings in which ``requested`` differs from the ``stored`` config of a run at ``epoch``,
+    as {name: (stored, requested)}; raises ValueError when one may not change on resume (see
+    ``RESUME_CHANGEABLE``) or fewer epochs than done are asked for."""
+    changes = {
+        f.name: (getattr(stored, f.name), getattr(requested, f.name))
+        for f in dataclasses.fields(TrainConfig)
+        if getattr(stored, f.name) != getattr(requested, f.name)
+    }
+    fixed = {name: change for name, change in changes.items() if name not in RESUME_CHANGEABLE}
+    if fixed:
+        listed = ", ".join(f"{name} {old!r} (got {new!r})" for name, (old, new) in fixed.items())
+        raise ValueError(
+            f"train_config: a resumed run keeps its {listed}, or it would not continue the same training; "
+            "train into a new run directory to change them"
+        )
+    if requested.epochs < epoch:
+        raise ValueError(f"epochs: the run has already trained {epoch} epochs, got {requested.epochs}")
+    return changes
 
 
 def image_of(item: Any) -> torch.Tensor:
@@ -285,8 +313,11 @@ class Trainer:
     """Trains a model into ``run_dir`` (checkpoint files and ``log.jsonl``); see the module doc.
 
     ``resume=True`` continues the checkpoint in ``run_dir``: the model config comes from it (one
-    passed must equal it), the train config too unless one is passed (e.g. with more epochs).
-    Without ``resume`` a ``run_dir`` that already holds a checkpoint is refused.
+    passed must equal it), the train config too unless one is passed, which may differ from the
+    stored one only in ``RESUME_CHANGEABLE`` (e.g. more epochs; ``resume_changes`` holds what
+    changed). The log keeps the records up to the checkpoint's step. Without ``resume`` a
+    ``run_dir`` that already holds a checkpoint is refused; a log left by a run stopped before its
+    first checkpoint is replaced. ``extra`` is stored in every checkpoint (e.g. where the data is).
     """
 
     def __init__(
@@ -296,8 +327,13 @@ class Trainer:
         model_config: Optional[MemKDConfig] = None,
         train_config: Optional[TrainConfig] = None,
         resume: bool = False,
+        extra: Optional[Mapping[str, Any]] = None,
     ):
         self.run_dir = Path(run_dir)
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise NotADirectoryError(f"run_dir: {self.run_dir} is a file, not a directory")
+        self.extra = dict(extra or {})
+        self.resume_changes: dict[str, tuple[Any, Any]] = {}
         self.train_config = config = self._train_config(model_config, train_config, resume)
         self.ctx: DistributedContext = init_distributed(config.device)
         if config.batch_size % self.ctx.world_size:
@@ -334,14 +370,31 @@ class Trainer:
         self.loader = self._make_loader(data)
         use_cache = config.cache_exemplar_features and self.config.method_spec.nel
         self.exemplar_cache = ExemplarFeatureCache(self.model) if use_cache else None
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.ctx.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+
+    def _start_log(self) -> None:
+        """Keep the log records up to the checkpoint's step (all of a fresh run's are stale)."""
+        path = self.run_dir / LOG_FILE
+        if not path.is_file():
+            return
+        kept = [line for line in path.read_text().splitlines(keepends=True) if self._logged_before(line)]
+        temporary = path.with_name(f".{path.name}.tmp")
+        temporary.write_text("".join(kept))
+        temporary.replace(path)
+
+    def _logged_before(self, line: str) -> bool:
+        try:
+            return json.loads(line)["step"] <= self.step
+        except (ValueError, KeyError, TypeError):
+            return False  # a record cut short by a kill
 
     def _train_config(
         self, model_config: Optional[MemKDConfig], train_config: Optional[TrainConfig], resume: bool
     ) -> TrainConfig:
         """The train config to use, after checking ``run_dir`` against ``resume`` and the model config."""
         if not resume:
-            if (self.run_dir / CONFIG_FILE).exists():
+            if has_checkpoint(self.run_dir):
                 raise FileExistsError(
                     f"run_dir: {self.run_dir} already holds a checkpoint; resume it or choose another directory"
                 )
@@ -351,9 +404,11 @@ class Trainer:
         if model_config is not None and model_config != stored:
             changed = [k for k, v in stored.to_dict().items() if model_config.to_dict()[k] != v]
             raise ValueError(f"model_config: differs from the checkpoint in {self.run_dir} in {changed}")
-        if train_config is None and header.get("training"):
-            return TrainConfig.from_dict(header["training"])
-        return train_config or TrainConfig()
+        stored_training = TrainConfig.from_dict(header["training"]) if header.get("training") else TrainConfig()
+        if train_config is None:
+            return stored_training
+        self.resume_changes = resume_changes(stored_training, train_config, header.get("epoch") or 0)
+        return train_config
 
     @property
     def config(self) -> MemKDConfig:
@@ -418,7 +473,15 @@ class Trainer:
         return images.contiguous(memory_format=torch.channels_last) if self.train_config.channels_last else images
 
     def fit(self) -> MemKD:
-        """Train up to ``train_config.epochs`` and return the model (checkpointed in ``run_dir``)."""
+        """Train up to ``train_config.epochs`` and return the model (checkpointed in ``run_dir``).
+        Rank 0 holds the run directory's lock meanwhile: a second process training into it fails."""
+        if not self.ctx.is_main:
+            return self._fit()
+        with folder_lock(self.run_dir, "run_dir"):
+            self._start_log()
+            return self._fit()
+
+    def _fit(self) -> MemKD:
         config = self.train_config
         exemplar_batches = self._exemplar_batches()
         meter = LossMeter()
@@ -485,6 +548,7 @@ class Trainer:
             save_checkpoint(
                 self.model,
                 self.run_dir,
+                extra=self.extra,
                 epoch=self.epoch,
                 step=self.step,
                 training=self.train_config.to_dict(),
@@ -498,7 +562,8 @@ def train(
     model_config: Optional[MemKDConfig] = None,
     train_config: Optional[TrainConfig] = None,
     resume: bool = False,
+    extra: Optional[Mapping[str, Any]] = None,
 ) -> MemKD:
     """Train a model on ``data`` (normal images: tensors, dicts with "image" or (image, ...) tuples,
     normalised [3, H, W]) into ``run_dir``; see ``Trainer``."""
-    return Trainer(data, run_dir, model_config, train_config, resume).fit()
+    return Trainer(data, run_dir, model_config, train_config, resume, extra).fit()

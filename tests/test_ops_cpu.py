@@ -1,64 +1,44 @@
 """The ops on CPU tensors (fused C++ kernels when memkd._C is built) against the reference.
 
-Ground truth is memkd.ops.reference evaluated in float64 on the very same (already rounded) inputs,
-with autograd through it for the gradients, so each dtype's tolerance measures only the kernel's
-arithmetic error.
+The cases shared with the CUDA backends come from op_cases.py (run here with device "cpu" and the
+"cpp" backend); the ones below are about the CPU kernels and the extension only. Ground truth and
+tolerances: op_testing.py.
 """
 import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
-import scipy.ndimage
 import torch
-from helpers import check_ops_compile_fullgraph
+from op_cases import *  # noqa: F401,F403  (the shared cases, collected here for the CPU)
+from op_testing import as_float64
 
 import memkd.ops as ops
 from memkd.ops import _library, _registry, reference
-
-# Tolerances relative to the largest magnitude of the expected tensor.
-TOLERANCES = {
-    torch.float64: 1e-10,
-    torch.float32: 2e-5,
-    torch.float16: 4e-3,
-    torch.bfloat16: 3e-2,
-}
-DTYPES = list(TOLERANCES)
-# (B, C, H, W, L): odd C and H*W, L = 1 and 50 (not a multiple of 16), batch 1.
-SHAPES = [(1, 37, 5, 7, 50), (2, 64, 9, 11, 1), (3, 19, 3, 5, 17), (2, 300, 13, 13, 50)]
-LAYOUTS = ["contiguous", "channels_last", "strided"]
-
-
-def assert_close(actual, expected, dtype, what):
-    tol = TOLERANCES[dtype] * max(1.0, expected.abs().max().item())
-    err = (actual.double() - expected).abs().max().item()
-    assert err <= tol, f"{what}: max error {err:.3g} > {tol:.3g} ({dtype})"
-
-
-def make_map(shape, dtype, layout, generator):
-    b, c, h, w = shape
-    if layout == "strided":  # every other column of a wider map: neither NCHW nor NHWC dense
-        x = torch.randn(b, c, h, 2 * w, generator=generator, dtype=torch.float64)[..., ::2]
-    else:
-        x = torch.randn(b, c, h, w, generator=generator, dtype=torch.float64)
-    x = x.to(dtype)
-    if layout == "channels_last":
-        x = x.contiguous(memory_format=torch.channels_last)
-    return x
-
-
-def leaf(x):
-    return x.detach().requires_grad_(True)
-
-
-def as_float64(x):
-    return x.detach().double().requires_grad_(True)
 
 
 @pytest.fixture
 def gen():
     return torch.Generator().manual_seed(1234)
+
+
+@pytest.fixture
+def device():
+    return "cpu"
+
+
+@pytest.fixture(params=["cpp"])
+def backend(request):
+    ops.set_backend("cpu", request.param)
+    try:
+        yield request.param
+    finally:
+        ops.set_backend("cpu", "default")
+
+
+@pytest.fixture(params=["aot_eager"])
+def compile_backend(request):
+    return request.param
 
 
 def test_extension_serves_cpu():
@@ -78,46 +58,43 @@ def test_schemas_match_the_compiled_ones():
         assert str(getattr(torch.ops.memkd, name).default._schema) == str(expected)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("shape", SHAPES)
-def test_nr_recall_forward_and_gradients(shape, layout, dtype, gen):
-    b, c, h, w, items = shape
-    query = leaf(make_map((b, c, h, w), dtype, layout, gen))
-    keys = leaf(torch.randn(items, c, generator=gen, dtype=torch.float64).to(dtype))
-    values = leaf(torch.randn(items, c, generator=gen, dtype=torch.float64).to(dtype))
-    out = ops.nr_recall(query, keys, values)
-    assert out.dtype == dtype and out.shape == query.shape
-    if layout == "channels_last":
-        assert out.is_contiguous(memory_format=torch.channels_last)
-    grad_out = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(dtype)
-    grads = torch.autograd.grad(out, (query, keys, values), grad_out)
+def test_set_backend_switches_the_cpu_kernels(gen):
+    """set_backend("cpu", "reference") has the reference serve the ops (its ATen ops run inside the
+    memkd:: op, forward and backward), "default" brings the fused kernels back; bad names are refused."""
+    q = torch.randn(1, 6, 3, 3, generator=gen, requires_grad=True)
+    k, v = torch.randn(4, 6, generator=gen), torch.randn(4, 6, generator=gen)
 
-    ref_inputs = [as_float64(t) for t in (query, keys, values)]
-    expected = reference.nr_recall(*ref_inputs)
-    expected_grads = torch.autograd.grad(expected, ref_inputs, grad_out.double())
-    assert_close(out, expected, dtype, "output")
-    for name, got, want in zip(("query", "keys", "values"), grads, expected_grads):
-        assert got.dtype == dtype
-        assert_close(got, want, dtype, f"grad {name}")
+    def aten_ops_within(op_name):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            ops.nr_recall(q, k, v).sum().backward()
+        names = set()
+        for event in prof.events():
+            if event.name == op_name:
+                stack = list(event.cpu_children)
+                while stack:
+                    child = stack.pop()
+                    names.add(child.name)
+                    stack.extend(child.cpu_children)
+        return names
 
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("shape", [s[:4] for s in SHAPES])
-def test_cosine_distance_map_forward_and_gradients(shape, layout, dtype, gen):
-    fs = leaf(make_map(shape, dtype, layout, gen))
-    ft = leaf(make_map(shape, dtype, "contiguous", gen))
-    out = ops.cosine_distance_map(fs, ft)
-    assert out.shape == (shape[0], shape[2], shape[3]) and out.dtype == dtype
-    grad_out = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(dtype)
-    grads = torch.autograd.grad(out, (fs, ft), grad_out)
-    ref_inputs = [as_float64(fs), as_float64(ft)]
-    expected = reference.cosine_distance_map(*ref_inputs)
-    expected_grads = torch.autograd.grad(expected, ref_inputs, grad_out.double())
-    assert_close(out, expected, dtype, "output")
-    for name, got, want in zip(("fs", "ft"), grads, expected_grads):
-        assert_close(got, want, dtype, f"grad {name}")
+    assert ops.backend("cpu", "nr_recall") == "cpp"
+    assert "aten::_softmax" not in aten_ops_within("memkd::nr_recall")
+    ops.set_backend("cpu", "reference", ["nr_recall"])
+    try:
+        assert ops.backend("cpu", "nr_recall") == "reference" and ops.backend("cpu", "anomaly_map") == "cpp"
+        assert ops.backends()["nr_recall"]["cpu"].startswith("reference (selected with set_backend")
+        assert "aten::_softmax" in aten_ops_within("memkd::nr_recall")
+        assert "aten::_softmax" in aten_ops_within("memkd::nr_recall_backward")
+    finally:
+        ops.set_backend("cpu", "default")
+    assert ops.backend("cpu", "nr_recall") == "cpp"
+    assert "aten::_softmax" not in aten_ops_within("memkd::nr_recall")
+    with pytest.raises(ValueError, match="name: expected 'default' or one of"):
+        ops.set_backend("cpu", "triton")
+    with pytest.raises(ValueError, match="device: expected one of"):
+        ops.set_backend("tpu", "reference")
+    with pytest.raises(ValueError, match="ops: unknown op"):
+        ops.set_backend("cpu", "reference", ["nr_recal"])
 
 
 def test_closed_form_reference_backward_matches_autograd(gen):
@@ -132,100 +109,6 @@ def test_closed_form_reference_backward_matches_autograd(gen):
     g = torch.randn(d.shape, generator=gen, dtype=torch.float64)
     for got, want in zip(reference.cosine_distance_map_backward(g, fs, ft), torch.autograd.grad(d, (fs, ft), g)):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
-
-
-def test_gradcheck_float64(gen):
-    q = as_float64(torch.randn(1, 6, 3, 5, generator=gen))
-    k, v = as_float64(torch.randn(5, 6, generator=gen)), as_float64(torch.randn(5, 6, generator=gen))
-    assert torch.autograd.gradcheck(ops.nr_recall, (q, k, v))
-    fs, ft = as_float64(torch.randn(2, 4, 3, 3, generator=gen)), as_float64(torch.randn(2, 4, 3, 3, generator=gen))
-    assert torch.autograd.gradcheck(ops.cosine_distance_map, (fs, ft))
-
-
-def test_opcheck_every_op(gen):
-    q = torch.randn(2, 9, 5, 3, generator=gen, requires_grad=True)
-    k = torch.randn(6, 9, generator=gen, requires_grad=True)
-    v = torch.randn(6, 9, generator=gen, requires_grad=True)
-    torch.library.opcheck(torch.ops.memkd.nr_recall, (q, k, v))
-    g = torch.randn(2, 9, 5, 3, generator=gen)
-    torch.library.opcheck(torch.ops.memkd.nr_recall_backward, (g, q.detach(), k.detach(), v.detach()))
-    fs = torch.randn(2, 9, 5, 3, generator=gen, requires_grad=True)
-    ft = torch.randn(2, 9, 5, 3, generator=gen, requires_grad=True)
-    torch.library.opcheck(torch.ops.memkd.cosine_distance_map, (fs, ft))
-    torch.library.opcheck(
-        torch.ops.memkd.cosine_distance_map_backward, (torch.randn(2, 5, 3, generator=gen), fs.detach(), ft.detach())
-    )
-    stages_s = [torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 6, 4, 4, generator=gen)]
-    stages_t = [torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 6, 4, 4, generator=gen)]
-    torch.library.opcheck(torch.ops.memkd.anomaly_map, (stages_s, stages_t, [16, 16], 2.0))
-
-
-def test_torch_compile_fullgraph(gen):
-    q = torch.randn(2, 12, 4, 4, generator=gen, requires_grad=True)
-    k = torch.randn(5, 12, generator=gen, requires_grad=True)
-    v = torch.randn(5, 12, generator=gen, requires_grad=True)
-    fs = [torch.randn(2, 12, 4, 4, generator=gen)]
-    ft = [torch.randn(2, 12, 4, 4, generator=gen)]
-    check_ops_compile_fullgraph(q, k, v, fs, ft, "aot_eager")
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_anomaly_map_matches_reference(layout, dtype, gen):
-    stage_shapes = [(2, 13, 16, 16), (2, 26, 8, 8), (2, 51, 4, 4)]
-    student = [make_map(s, dtype, layout, gen) for s in stage_shapes]
-    teacher = [make_map(s, dtype, "contiguous", gen) for s in stage_shapes]
-    for out_size, sigma in [((64, 64), 4.0), ((37, 50), 2.5), ((9, 11), 4.0), ((20, 20), 0.0)]:
-        maps, scores = ops.anomaly_map(student, teacher, out_size, sigma)
-        assert maps.shape == (2, *out_size) and scores.shape == (2,) and maps.dtype == dtype
-        exp_maps, exp_scores = reference.anomaly_map([x.double() for x in student], [x.double() for x in teacher], out_size, sigma)
-        assert_close(maps, exp_maps, dtype, f"maps {out_size} sigma {sigma}")
-        assert_close(scores, exp_scores, dtype, f"scores {out_size} sigma {sigma}")
-
-
-def test_anomaly_map_follows_scipy_semantics(gen):
-    student = [torch.randn(1, 8, 8, 8, generator=gen, dtype=torch.float64)]
-    teacher = [torch.randn(1, 8, 8, 8, generator=gen, dtype=torch.float64)]
-    maps, scores = ops.anomaly_map(student, teacher, (40, 24), 4.0)
-    unblurred = torch.nn.functional.interpolate(
-        reference.cosine_distance_map(student[0], teacher[0]).unsqueeze(1), size=(40, 24), mode="bilinear", align_corners=True
-    )[0, 0].numpy()
-    expected = scipy.ndimage.gaussian_filter(unblurred, sigma=4.0, mode="reflect", truncate=4.0)
-    np.testing.assert_allclose(maps[0].numpy(), expected, rtol=1e-10, atol=1e-12)
-    assert scores[0].item() == pytest.approx(expected.max(), abs=1e-12)
-    assert len(reference.gaussian_taps(4.0)) == 33
-
-
-def test_zero_vectors_give_zero_cosine_not_nan():
-    q = torch.zeros(1, 8, 2, 2, requires_grad=True)
-    k = torch.zeros(3, 8, requires_grad=True)
-    v = torch.randn(3, 8, requires_grad=True)
-    out = ops.nr_recall(q, k, v)
-    torch.testing.assert_close(out[0, :, 0, 0], v.mean(0))  # all scores 0 -> uniform weights
-    grads = torch.autograd.grad(out.sum(), (q, k, v))
-    assert all(torch.isfinite(g).all() for g in grads)
-    d = ops.cosine_distance_map(torch.zeros(1, 4, 2, 2), torch.randn(1, 4, 2, 2))
-    torch.testing.assert_close(d, torch.ones(1, 2, 2))
-    maps, scores = ops.anomaly_map([torch.zeros(1, 4, 2, 2)], [torch.zeros(1, 4, 2, 2)], (4, 4))
-    assert torch.isfinite(maps).all() and torch.isfinite(scores).all()
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("sigma", [0.0, 2.0])
-def test_anomaly_map_nan_propagates_into_the_score(sigma, dtype, gen):
-    """NaN features give NaN map pixels and a NaN image score, as in the reference (a max that skips
-    NaN gives a finite score, or -inf when every pixel is NaN); the other images stay finite."""
-    stage_shapes = [(3, 13, 9, 11), (3, 26, 5, 6)]
-    student = [make_map(s, dtype, "contiguous", gen) for s in stage_shapes]
-    teacher = [make_map(s, dtype, "contiguous", gen) for s in stage_shapes]
-    student[1][0, :, 2, 3] = float("nan")  # some NaN pixels in image 0
-    student[0][1] = float("nan")  # every pixel of image 1
-    maps, scores = ops.anomaly_map(student, teacher, (13, 17), sigma)
-    exp_maps, exp_scores = reference.anomaly_map([x.double() for x in student], [x.double() for x in teacher],
-                                                 (13, 17), sigma)
-    assert torch.equal(maps.isnan(), exp_maps.isnan())
-    assert scores[:2].isnan().all() and exp_scores[:2].isnan().all()
-    assert_close(scores[2:], exp_scores[2:], dtype, "score of the finite image")
 
 
 @pytest.mark.parametrize("batch", [1, 4])

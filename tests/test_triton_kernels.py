@@ -23,17 +23,16 @@ import memkd.kernels as K  # noqa: E402
 from memkd.kernels import _common  # noqa: E402
 from memkd.kernels.nr_recall import backward_config, forward_config  # noqa: E402
 from memkd.ops import reference  # noqa: E402
+from op_testing import TRITON_KERNEL_TOLERANCES, as_float64, assert_close, make_map, make_memory  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 INTERPRETED = _common.interpreting()
 
-# Error bounds relative to max(1, max |expected|). fp32 dots run with input_precision="ieee".
-TOLERANCES = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
-DTYPES = list(TOLERANCES)
+DTYPES = list(TRITON_KERNEL_TOLERANCES)
 # query layouts: NCHW, NHWC, a channel slice of a wider map (addressed in place, stride_b != C*H*W)
 # and a crop of a wider map (H, W do not collapse into one pixel axis: copied first).
-LAYOUTS = ["contiguous", "channels_last", "channel_slice", "cropped"]
+KERNEL_LAYOUTS = ["contiguous", "channels_last", "channel_slice", "cropped"]
 SMALL = dict(block_p=16, block_c=16)  # several C chunks (37 = 16 + 16 + 5) and pixel blocks
 
 
@@ -41,42 +40,9 @@ def test_runs_where_expected():
     assert CUDA or INTERPRETED, "no GPU and TRITON_INTERPRET unset: conftest.py did not run first"
 
 
-def assert_close(actual, expected, dtype, what):
-    assert actual.dtype == dtype, f"{what}: dtype {actual.dtype}, expected {dtype}"
-    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
-    tol = TOLERANCES[dtype] * max(1.0, expected.abs().max().item())
-    err = (actual.double().cpu() - expected.cpu()).abs().max().item()
-    assert err <= tol, f"{what}: max error {err:.3g} > {tol:.3g} ({dtype})"
-
-
-def make_map(shape, dtype, layout, gen):
-    b, c, h, w = shape
-    if layout == "channel_slice":
-        x = torch.randn(b, c + 5, h, w, generator=gen, dtype=torch.float64)
-    elif layout == "cropped":
-        x = torch.randn(b, c, h, w + 3, generator=gen, dtype=torch.float64)
-    else:
-        x = torch.randn(b, c, h, w, generator=gen, dtype=torch.float64)
-    x = x.to(device=DEVICE, dtype=dtype)
-    if layout == "channel_slice":
-        x = x[:, 2:2 + c]
-    elif layout == "cropped":
-        x = x[..., 1:1 + w]
-    elif layout == "channels_last":
-        x = x.contiguous(memory_format=torch.channels_last)
-    assert x.shape == shape
-    return x
-
-
-def make_memory(l, c, dtype, gen):
-    keys = torch.randn(l, c, generator=gen, dtype=torch.float64).to(DEVICE, dtype)
-    values = torch.randn(l, c, generator=gen, dtype=torch.float64).to(DEVICE, dtype)
-    return keys, values
-
-
-def f64(x):
-    return x.detach().double().cpu().requires_grad_(True)
+def assert_kernel_close(actual, expected, dtype, what):
+    """assert_close with the tolerances of the launchers called with input_precision="ieee"."""
+    assert_close(actual, expected, dtype, what, TRITON_KERNEL_TOLERANCES[dtype])
 
 
 @pytest.fixture
@@ -98,14 +64,14 @@ def _restore_settings():
 NR_SHAPES = [(1, 37, 5, 7, 50), (2, 37, 5, 7, 17), (2, 20, 3, 5, 1)]
 NR_CASES = (
     [(shape, torch.float32, "contiguous") for shape in NR_SHAPES]
-    + [(NR_SHAPES[1], dtype, layout) for dtype in DTYPES for layout in LAYOUTS
+    + [(NR_SHAPES[1], dtype, layout) for dtype in DTYPES for layout in KERNEL_LAYOUTS
        if (dtype, layout) != (torch.float32, "contiguous")]
 )
 NR_IDS = [f"{'x'.join(map(str, s))}-{str(d)[6:]}-{lay}" for s, d, lay in NR_CASES]
 
 
 def nr_expected(query, keys, values, grad_out):
-    q, k, v = f64(query), f64(keys), f64(values)
+    q, k, v = as_float64(query), as_float64(keys), as_float64(values)
     out = reference.nr_recall(q, k, v)
     grads = torch.autograd.grad(out, (q, k, v), grad_out.double().cpu())
     return out.detach(), grads
@@ -114,17 +80,17 @@ def nr_expected(query, keys, values, grad_out):
 @pytest.mark.parametrize("shape,dtype,layout", NR_CASES, ids=NR_IDS)
 def test_nr_recall_forward_backward(shape, dtype, layout, gen):
     b, c, h, w, l = shape
-    query = make_map((b, c, h, w), dtype, layout, gen)
-    keys, values = make_memory(l, c, dtype, gen)
-    grad_out = make_map((b, c, h, w), dtype, "contiguous", gen)
+    query = make_map((b, c, h, w), dtype, layout, gen, DEVICE)
+    keys, values = make_memory(l, c, dtype, gen, DEVICE)
+    grad_out = make_map((b, c, h, w), dtype, "contiguous", gen, DEVICE)
     expected_out, (eq, ek, ev) = nr_expected(query, keys, values, grad_out)
 
     out = K.nr_recall_forward(query, keys, values, input_precision="ieee", **SMALL)
-    assert_close(out, expected_out, dtype, "out")
+    assert_kernel_close(out, expected_out, dtype, "out")
     dq, dk, dv = K.nr_recall_backward(grad_out, query, keys, values, input_precision="ieee", **SMALL)
-    assert_close(dq, eq, dtype, "grad query")
-    assert_close(dk, ek, dtype, "grad keys")
-    assert_close(dv, ev, dtype, "grad values")
+    assert_kernel_close(dq, eq, dtype, "grad query")
+    assert_kernel_close(dk, ek, dtype, "grad keys")
+    assert_kernel_close(dv, ev, dtype, "grad values")
     if layout == "channels_last":  # results keep the query's memory format
         assert out.is_contiguous(memory_format=torch.channels_last)
         assert dq.is_contiguous(memory_format=torch.channels_last)
@@ -136,14 +102,14 @@ def test_nr_recall_forward_backward(shape, dtype, layout, gen):
 def test_nr_recall_default_tiles(dtype, gen):
     """The GPU launch parameters (BLOCK_L 64, BLOCK_P 32/64, BLOCK_C 16..64): ragged tiles."""
     b, c, h, w, l = 2, 37, 5, 7, 50
-    query = make_map((b, c, h, w), dtype, "channels_last", gen)
-    keys, values = make_memory(l, c, dtype, gen)
-    grad_out = make_map((b, c, h, w), dtype, "contiguous", gen)
+    query = make_map((b, c, h, w), dtype, "channels_last", gen, DEVICE)
+    keys, values = make_memory(l, c, dtype, gen, DEVICE)
+    grad_out = make_map((b, c, h, w), dtype, "contiguous", gen, DEVICE)
     expected_out, expected_grads = nr_expected(query, keys, values, grad_out)
-    assert_close(K.nr_recall_forward(query, keys, values, input_precision="ieee"), expected_out, dtype, "out")
+    assert_kernel_close(K.nr_recall_forward(query, keys, values, input_precision="ieee"), expected_out, dtype, "out")
     got = K.nr_recall_backward(grad_out, query, keys, values, input_precision="ieee")
     for name, g, e in zip(("query", "keys", "values"), got, expected_grads):
-        assert_close(g, e, dtype, f"grad {name}")
+        assert_kernel_close(g, e, dtype, f"grad {name}")
 
 
 @pytest.mark.parametrize("max_programs", [1, 3])
@@ -151,9 +117,9 @@ def test_nr_recall_backward_deterministic_and_atomic(max_programs, gen):
     """Deterministic mode: bitwise-identical gradients across runs, also with persistent programs
     looping over several pixel tiles; atomic mode agrees within tolerance."""
     b, c, h, w, l = 2, 37, 5, 7, 50
-    query = make_map((b, c, h, w), torch.float32, "contiguous", gen)
-    keys, values = make_memory(l, c, torch.float32, gen)
-    grad_out = make_map((b, c, h, w), torch.float32, "contiguous", gen)
+    query = make_map((b, c, h, w), torch.float32, "contiguous", gen, DEVICE)
+    keys, values = make_memory(l, c, torch.float32, gen, DEVICE)
+    grad_out = make_map((b, c, h, w), torch.float32, "contiguous", gen, DEVICE)
     kw = dict(input_precision="ieee", max_programs=max_programs, **SMALL)
     assert K.get_deterministic() is True  # the documented default
     first = K.nr_recall_backward(grad_out, query, keys, values, **kw)
@@ -163,31 +129,31 @@ def test_nr_recall_backward_deterministic_and_atomic(max_programs, gen):
     atomic = K.nr_recall_backward(grad_out, query, keys, values, deterministic=False, **kw)
     _, expected = nr_expected(query, keys, values, grad_out)
     for name, x, y, e in zip(("query", "keys", "values"), first, atomic, expected):
-        assert_close(x, e, torch.float32, f"deterministic grad {name}")
-        assert_close(y, e, torch.float32, f"atomic grad {name}")
-        assert_close(y, x.double(), torch.float32, f"atomic vs deterministic grad {name}")
+        assert_kernel_close(x, e, torch.float32, f"deterministic grad {name}")
+        assert_kernel_close(y, e, torch.float32, f"atomic grad {name}")
+        assert_kernel_close(y, x.double(), torch.float32, f"atomic vs deterministic grad {name}")
 
 
 def test_nr_recall_zero_vectors(gen):
     """Zero (and below-EPS) query pixels and keys: cosine 0 (uniform weights) and finite gradients,
     as in the reference."""
     b, c, h, w, l = 2, 37, 5, 7, 17
-    query = make_map((b, c, h, w), torch.float32, "contiguous", gen)
+    query = make_map((b, c, h, w), torch.float32, "contiguous", gen, DEVICE)
     query[0, :, 1, 2] = 0
     query[1, :, 4, :] = 0
     query[1, :, 0, 0] *= 1e-10  # 0 < |q| < EPS: the projection term of dQ is dropped
-    keys, values = make_memory(l, c, torch.float32, gen)
+    keys, values = make_memory(l, c, torch.float32, gen, DEVICE)
     keys[3] = 0
     keys[5] *= 1e-10
-    grad_out = make_map((b, c, h, w), torch.float32, "contiguous", gen)
+    grad_out = make_map((b, c, h, w), torch.float32, "contiguous", gen, DEVICE)
     q, k, v = query.double().cpu(), keys.double().cpu(), values.double().cpu()
     expected_grads = reference.nr_recall_backward(grad_out.double().cpu(), q, k, v)
     out = K.nr_recall_forward(query, keys, values, input_precision="ieee", **SMALL)
-    assert_close(out, reference.nr_recall(q, k, v), torch.float32, "out")
+    assert_kernel_close(out, reference.nr_recall(q, k, v), torch.float32, "out")
     got = K.nr_recall_backward(grad_out, query, keys, values, input_precision="ieee", **SMALL)
     for name, g, e in zip(("query", "keys", "values"), got, expected_grads):
         assert torch.isfinite(e).all()
-        assert_close(g, e, torch.float32, f"grad {name}")
+        assert_kernel_close(g, e, torch.float32, f"grad {name}")
 
 
 def test_nr_recall_fp16_zero_key_gives_finite_query_grad(gen):
@@ -195,16 +161,16 @@ def test_nr_recall_fp16_zero_key_gives_finite_query_grad(gen):
     inf and inf * 0 makes every dQ NaN). dQ and dV match the reference; dK at the zero key scales
     with 1 / EPS, beyond fp16's range in the reference too, so only the other keys' dK are compared."""
     b, c, h, w, l = 2, 37, 5, 7, 17
-    query = make_map((b, c, h, w), torch.float16, "contiguous", gen)
-    keys, values = make_memory(l, c, torch.float16, gen)
+    query = make_map((b, c, h, w), torch.float16, "contiguous", gen, DEVICE)
+    keys, values = make_memory(l, c, torch.float16, gen, DEVICE)
     keys[3] = 0
-    grad_out = make_map((b, c, h, w), torch.float16, "contiguous", gen)
+    grad_out = make_map((b, c, h, w), torch.float16, "contiguous", gen, DEVICE)
     _, (eq, ek, ev) = nr_expected(query, keys, values, grad_out)
     dq, dk, dv = K.nr_recall_backward(grad_out, query, keys, values, **SMALL)
-    assert_close(dq, eq, torch.float16, "grad query")
-    assert_close(dv, ev, torch.float16, "grad values")
+    assert_kernel_close(dq, eq, torch.float16, "grad query")
+    assert_kernel_close(dv, ev, torch.float16, "grad values")
     others = [i for i in range(l) if i != 3]
-    assert_close(dk[others], ek[others], torch.float16, "grad keys (non-zero keys)")
+    assert_kernel_close(dk[others], ek[others], torch.float16, "grad keys (non-zero keys)")
 
 
 def test_nr_recall_many_memory_items(monkeypatch, gen):
@@ -228,28 +194,28 @@ def test_nr_recall_many_memory_items(monkeypatch, gen):
         monkeypatch.setattr(nr, name, Spy())
     b, c, h, w, l = 1, 8, 2, 3, 2500
     for dtype in (torch.float32, torch.float16):
-        query = make_map((b, c, h, w), dtype, "channels_last", gen)
-        keys, values = make_memory(l, c, dtype, gen)
-        grad_out = make_map((b, c, h, w), dtype, "contiguous", gen)
+        query = make_map((b, c, h, w), dtype, "channels_last", gen, DEVICE)
+        keys, values = make_memory(l, c, dtype, gen, DEVICE)
+        grad_out = make_map((b, c, h, w), dtype, "contiguous", gen, DEVICE)
         expected_out, expected = nr_expected(query, keys, values, grad_out)
         out = K.nr_recall_forward(query, keys, values, input_precision="ieee")
-        assert_close(out, expected_out, dtype, "out")
+        assert_kernel_close(out, expected_out, dtype, "out")
         assert out.is_contiguous(memory_format=torch.channels_last)
         got = K.nr_recall_backward(grad_out, query, keys, values, input_precision="ieee")
         for name, g, e in zip(("query", "keys", "values"), got, expected):
-            assert_close(g, e, dtype, f"grad {name}")
+            assert_kernel_close(g, e, dtype, f"grad {name}")
     assert all(block_l <= largest_tile for block_l in launched), launched
 
 
 def test_nr_recall_broadcast_grad(gen):
     """grad_out of out.sum() is a stride-0 broadcast: read in place, never densified wrongly."""
-    query = make_map((2, 20, 3, 5), torch.float32, "contiguous", gen)
-    keys, values = make_memory(17, 20, torch.float32, gen)
+    query = make_map((2, 20, 3, 5), torch.float32, "contiguous", gen, DEVICE)
+    keys, values = make_memory(17, 20, torch.float32, gen, DEVICE)
     grad_out = torch.ones((), device=DEVICE).expand(query.shape)
     _, expected = nr_expected(query, keys, values, grad_out.contiguous())
     got = K.nr_recall_backward(grad_out, query, keys, values, input_precision="ieee", **SMALL)
     for g, e in zip(got, expected):
-        assert_close(g, e, torch.float32, "grad")
+        assert_kernel_close(g, e, torch.float32, "grad")
 
 
 def test_settings_and_configs():
@@ -282,7 +248,7 @@ def test_settings_and_configs():
 
 # ---- cosine distance map -------------------------------------------------------------------------
 
-CD_CASES = [(torch.float32, layout) for layout in LAYOUTS] + [
+CD_CASES = [(torch.float32, layout) for layout in KERNEL_LAYOUTS] + [
     (dtype, layout) for dtype in (torch.float16, torch.bfloat16) for layout in ("contiguous", "channels_last")
 ]
 
@@ -290,34 +256,34 @@ CD_CASES = [(torch.float32, layout) for layout in LAYOUTS] + [
 @pytest.mark.parametrize("dtype,layout", CD_CASES, ids=[f"{str(d)[6:]}-{lay}" for d, lay in CD_CASES])
 @pytest.mark.parametrize("shape", [(1, 37, 5, 7), (2, 20, 3, 5)], ids=["1x37x5x7", "2x20x3x5"])
 def test_cosine_distance_map(shape, dtype, layout, gen):
-    fs = make_map(shape, dtype, layout, gen)
-    ft = make_map(shape, dtype, "contiguous", gen)
+    fs = make_map(shape, dtype, layout, gen, DEVICE)
+    ft = make_map(shape, dtype, "contiguous", gen, DEVICE)
     if dtype == torch.float32:  # (their gradients, ~1/EPS, would overflow fp16)
         fs[0, :, 1, 1] = 0  # a zero vector: cosine 0, no NaN
         ft[0, :, 2, 3] *= 1e-10  # |ft| < EPS: the projection term is dropped
     grad_out = torch.randn(shape[0], *shape[2:], generator=gen, dtype=torch.float64).to(DEVICE, dtype)
-    a, t = f64(fs), f64(ft)
+    a, t = as_float64(fs), as_float64(ft)
     expected = reference.cosine_distance_map(a, t)
     ea, et = torch.autograd.grad(expected, (a, t), grad_out.double().cpu())
-    assert_close(K.cosine_distance_map_forward(fs, ft, **SMALL), expected.detach(), dtype, "distance")
+    assert_kernel_close(K.cosine_distance_map_forward(fs, ft, **SMALL), expected.detach(), dtype, "distance")
     da, dt = K.cosine_distance_map_backward(grad_out, fs, ft, **SMALL)
-    assert_close(da, ea, dtype, "grad fs")
-    assert_close(dt, et, dtype, "grad ft")
+    assert_kernel_close(da, ea, dtype, "grad fs")
+    assert_kernel_close(dt, et, dtype, "grad ft")
     if layout == "channels_last":
         assert da.is_contiguous(memory_format=torch.channels_last) and dt.is_contiguous()
 
 
 def test_cosine_distance_map_default_tiles_broadcast_grad(gen):
     """The GPU tiles, a zero vector, and the stride-0 grad_out of out.sum(), read in place."""
-    fs = make_map((2, 37, 5, 7), torch.float32, "channels_last", gen)
-    ft = make_map((2, 37, 5, 7), torch.float32, "contiguous", gen)
+    fs = make_map((2, 37, 5, 7), torch.float32, "channels_last", gen, DEVICE)
+    ft = make_map((2, 37, 5, 7), torch.float32, "contiguous", gen, DEVICE)
     ft[1, :, 4, 6] = 0
     grad_out = torch.ones((), device=DEVICE).expand(2, 5, 7)
     got = K.cosine_distance_map_backward(grad_out, fs, ft)
-    a, t = f64(fs), f64(ft)
+    a, t = as_float64(fs), as_float64(ft)
     expected = torch.autograd.grad(reference.cosine_distance_map(a, t).sum(), (a, t))
     for g, e in zip(got, expected):
-        assert_close(g, e, torch.float32, "grad")
+        assert_kernel_close(g, e, torch.float32, "grad")
 
 
 # ---- anomaly map ---------------------------------------------------------------------------------
@@ -340,40 +306,40 @@ AM_CASES = [
 )
 def test_anomaly_map(out_size, sigma, dtype, gen):
     b = 2
-    student = [make_map((b, c, h, w), dtype, "contiguous", gen) for c, h, w in STAGES]
-    teacher = [make_map((b, c, h, w), dtype, "channels_last", gen) for c, h, w in STAGES]
+    student = [make_map((b, c, h, w), dtype, "contiguous", gen, DEVICE) for c, h, w in STAGES]
+    teacher = [make_map((b, c, h, w), dtype, "channels_last", gen, DEVICE) for c, h, w in STAGES]
     teacher[1][1, :, 2, 3] = 0
     maps, scores = K.anomaly_map_forward(student, teacher, out_size, sigma, block=128)  # 2 blocks per map
     expected_maps, expected_scores = reference.anomaly_map(
         [s.double().cpu() for s in student], [t.double().cpu() for t in teacher], out_size, sigma
     )
-    assert_close(maps, expected_maps, dtype, "maps")
-    assert_close(scores, expected_scores, dtype, "scores")
+    assert_kernel_close(maps, expected_maps, dtype, "maps")
+    assert_kernel_close(scores, expected_scores, dtype, "scores")
 
 
 def test_anomaly_map_default_block_single_stage(gen):
-    student = [make_map((1, 37, 5, 7), torch.float32, "cropped", gen)]
-    teacher = [make_map((1, 37, 5, 7), torch.float32, "channel_slice", gen)]
+    student = [make_map((1, 37, 5, 7), torch.float32, "cropped", gen, DEVICE)]
+    teacher = [make_map((1, 37, 5, 7), torch.float32, "channel_slice", gen, DEVICE)]
     maps, scores = K.anomaly_map_forward(student, teacher, (11, 8), 4.0)
     expected_maps, expected_scores = reference.anomaly_map(
         [student[0].double().cpu()], [teacher[0].double().cpu()], (11, 8), 4.0
     )
-    assert_close(maps, expected_maps, torch.float32, "maps")
-    assert_close(scores, expected_scores, torch.float32, "scores")
+    assert_kernel_close(maps, expected_maps, torch.float32, "maps")
+    assert_kernel_close(scores, expected_scores, torch.float32, "scores")
 
 
 def test_anomaly_map_more_stages_than_one_launch_takes(gen):
     """Six stages: two upsample-and-sum launches, the second adding to the first's sum."""
     stages = [(5 + i, 3 + i % 3, 4) for i in range(6)]
-    student = [make_map((2, c, h, w), torch.float32, "contiguous", gen) for c, h, w in stages]
-    teacher = [make_map((2, c, h, w), torch.float32, "channels_last", gen) for c, h, w in stages]
+    student = [make_map((2, c, h, w), torch.float32, "contiguous", gen, DEVICE) for c, h, w in stages]
+    teacher = [make_map((2, c, h, w), torch.float32, "channels_last", gen, DEVICE) for c, h, w in stages]
     for sigma in (0.0, 1.0):
         maps, scores = K.anomaly_map_forward(student, teacher, (7, 9), sigma, block=32)
         expected_maps, expected_scores = reference.anomaly_map(
             [s.double().cpu() for s in student], [t.double().cpu() for t in teacher], (7, 9), sigma
         )
-        assert_close(maps, expected_maps, torch.float32, f"maps sigma {sigma}")
-        assert_close(scores, expected_scores, torch.float32, f"scores sigma {sigma}")
+        assert_kernel_close(maps, expected_maps, torch.float32, f"maps sigma {sigma}")
+        assert_kernel_close(scores, expected_scores, torch.float32, f"scores sigma {sigma}")
 
 
 def test_anomaly_map_makes_no_host_to_device_copy(monkeypatch, gen):
@@ -400,8 +366,8 @@ def test_anomaly_map_makes_no_host_to_device_copy(monkeypatch, gen):
     for name in ("tensor", "as_tensor", "from_numpy"):
         monkeypatch.setattr(torch, name, spy(f"torch.{name}", getattr(torch, name)))
     monkeypatch.setattr(torch.Tensor, "to", spy("Tensor.to(device)", torch.Tensor.to, to_device))
-    student = [make_map((2, c, h, w), torch.float32, "contiguous", gen) for c, h, w in STAGES]
-    teacher = [make_map((2, c, h, w), torch.float32, "contiguous", gen) for c, h, w in STAGES]
+    student = [make_map((2, c, h, w), torch.float32, "contiguous", gen, DEVICE) for c, h, w in STAGES]
+    teacher = [make_map((2, c, h, w), torch.float32, "contiguous", gen, DEVICE) for c, h, w in STAGES]
     for sigma in (4.0, 0.0):
         K.anomaly_map_forward(student, teacher, (13, 17), sigma, block=128)
     assert calls == []
@@ -411,8 +377,8 @@ def test_anomaly_map_makes_no_host_to_device_copy(monkeypatch, gen):
 def test_anomaly_map_nan_propagates_into_the_score(sigma, gen):
     """NaN features give NaN map pixels and a NaN image score, as in the reference (a max that
     skips NaN would give a finite score, or -inf when every pixel is NaN); other images stay finite."""
-    student = [make_map((3, c, h, w), torch.float32, "contiguous", gen) for c, h, w in STAGES]
-    teacher = [make_map((3, c, h, w), torch.float32, "contiguous", gen) for c, h, w in STAGES]
+    student = [make_map((3, c, h, w), torch.float32, "contiguous", gen, DEVICE) for c, h, w in STAGES]
+    teacher = [make_map((3, c, h, w), torch.float32, "contiguous", gen, DEVICE) for c, h, w in STAGES]
     student[1][0, :, 2, 3] = float("nan")  # some NaN pixels in image 0
     student[0][1] = float("nan")  # every pixel of image 1
     maps, scores = K.anomaly_map_forward(student, teacher, (13, 17), sigma, block=128)
@@ -421,7 +387,7 @@ def test_anomaly_map_nan_propagates_into_the_score(sigma, gen):
     )
     assert torch.equal(maps.isnan().cpu(), expected_maps.isnan())
     assert scores[:2].isnan().all() and expected_scores[:2].isnan().all()
-    assert_close(scores[2:], expected_scores[2:], torch.float32, "score of the finite image")
+    assert_kernel_close(scores[2:], expected_scores[2:], torch.float32, "score of the finite image")
 
 
 # ---- the memkd.ops backend -----------------------------------------------------------------------
@@ -442,7 +408,7 @@ def test_backend_kernels_match_reference_signatures(gen):
                 (p.name, p.default) for p in ref_params.values()
             ], name
     # float64 is served by the reference; the backward ops return tuples.
-    fs = make_map((1, 5, 2, 3), torch.float64, "contiguous", gen)
+    fs = make_map((1, 5, 2, 3), torch.float64, "contiguous", gen, DEVICE)
     grad_out = torch.ones(1, 2, 3, dtype=torch.float64, device=DEVICE)
     grads = OPS["cosine_distance_map"].triton()["cosine_distance_map_backward"](grad_out, fs, fs)
     assert isinstance(grads, tuple) and len(grads) == 2
@@ -452,29 +418,29 @@ def check_nr_recall_op(gen):
     """memkd.ops.nr_recall and its gradients (fp32, channels_last query) against the reference."""
     import memkd.ops as ops
 
-    query = make_map((2, 37, 5, 7), torch.float32, "channels_last", gen).requires_grad_(True)
-    keys, values = (x.requires_grad_(True) for x in make_memory(50, 37, torch.float32, gen))
-    grad_out = make_map((2, 37, 5, 7), torch.float32, "contiguous", gen)
+    query = make_map((2, 37, 5, 7), torch.float32, "channels_last", gen, DEVICE).requires_grad_(True)
+    keys, values = (x.requires_grad_(True) for x in make_memory(50, 37, torch.float32, gen, DEVICE))
+    grad_out = make_map((2, 37, 5, 7), torch.float32, "contiguous", gen, DEVICE)
     out = ops.nr_recall(query, keys, values)
     got = torch.autograd.grad(out, (query, keys, values), grad_out)
     expected_out, expected = nr_expected(query, keys, values, grad_out)
-    assert_close(out, expected_out, torch.float32, "out")
+    assert_kernel_close(out, expected_out, torch.float32, "out")
     for g, e in zip(got, expected):
-        assert_close(g, e, torch.float32, "grad")
+        assert_kernel_close(g, e, torch.float32, "grad")
 
 
 def check_anomaly_map_op(out_size, sigma, gen):
     """memkd.ops.anomaly_map (fp32, the STAGES features) against the reference."""
     import memkd.ops as ops
 
-    student = [make_map((2, c, h, w), torch.float32, "contiguous", gen) for c, h, w in STAGES]
-    teacher = [make_map((2, c, h, w), torch.float32, "contiguous", gen) for c, h, w in STAGES]
+    student = [make_map((2, c, h, w), torch.float32, "contiguous", gen, DEVICE) for c, h, w in STAGES]
+    teacher = [make_map((2, c, h, w), torch.float32, "contiguous", gen, DEVICE) for c, h, w in STAGES]
     maps, scores = ops.anomaly_map(student, teacher, out_size, sigma)
     expected_maps, expected_scores = reference.anomaly_map(
         [s.double().cpu() for s in student], [t.double().cpu() for t in teacher], out_size, sigma
     )
-    assert_close(maps, expected_maps, torch.float32, "maps")
-    assert_close(scores, expected_scores, torch.float32, "scores")
+    assert_kernel_close(maps, expected_maps, torch.float32, "maps")
+    assert_kernel_close(scores, expected_scores, torch.float32, "scores")
 
 
 @pytest.mark.skipif(CUDA, reason="on a GPU test_ops_triton_backend_on_cuda covers this")
@@ -491,12 +457,12 @@ def test_backend_through_the_dispatcher_on_cpu(gen):
             for name, fn in op.triton().items():
                 lib.impl(name, fn, "CPU", allow_override=True)
         check_nr_recall_op(gen)
-        fs, ft = (make_map((2, 20, 3, 5), torch.float32, "contiguous", gen).requires_grad_(True) for _ in "st")
+        fs, ft = (make_map((2, 20, 3, 5), torch.float32, "contiguous", gen, DEVICE).requires_grad_(True) for _ in "st")
         got = torch.autograd.grad(ops.cosine_distance_map(fs, ft).sum(), (fs, ft))
-        a, t = f64(fs), f64(ft)
+        a, t = as_float64(fs), as_float64(ft)
         expected = torch.autograd.grad(reference.cosine_distance_map(a, t).sum(), (a, t))
         for g, e in zip(got, expected):
-            assert_close(g, e, torch.float32, "grad")
+            assert_kernel_close(g, e, torch.float32, "grad")
         check_anomaly_map_op((7, 9), 2.0, gen)
     finally:
         lib._destroy()

@@ -27,7 +27,8 @@ OUT=$(cd "$OUT_ARG" && pwd)
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT" || exit 2
 START=$(date +%s)
-if ((REHEARSAL)); then BUDGET=${TOTAL_BUDGET:-2400}; else BUDGET=${TOTAL_BUDGET:-420}; fi
+# A rehearsal runs on a 2-core machine, so its steps may take several times as long.
+if ((REHEARSAL)); then BUDGET=${TOTAL_BUDGET:-2400} CAP_SCALE=5; else BUDGET=${TOTAL_BUDGET:-420} CAP_SCALE=1; fi
 RESERVE=15  # seconds kept for the last summary and archive
 PY=${PYTHON:-python3}
 command -v "$PY" >/dev/null 2>&1 || { echo "gpu_check: interpreter '$PY' not found (set PYTHON)" >&2; exit 2; }
@@ -54,12 +55,12 @@ pack() {
 }
 
 # step NAME CAP COMMAND...: runs COMMAND with its output in logs/NAME.log under a timeout of
-# min(CAP, time left - RESERVE - KEEP), records exit code and seconds, then packs. KEEP (default 0)
-# is time held back for later steps.
+# min(CAP, time left - RESERVE - KEEP) (CAP and KEEP times CAP_SCALE), records exit code and
+# seconds, then packs. KEEP (default 0) is time held back for later steps.
 step() {
-  local name=$1 cap=$2
+  local name=$1 cap=$(($2 * CAP_SCALE))
   shift 2
-  local avail=$(($(left) - RESERVE - ${KEEP:-0}))
+  local avail=$(($(left) - RESERVE - ${KEEP:-0} * CAP_SCALE))
   local limit=$((cap < avail ? cap : avail))
   if ((limit < 5)); then
     log "$name: skipped, out of time"

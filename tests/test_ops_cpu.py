@@ -64,31 +64,22 @@ def test_set_backend_switches_the_cpu_kernels(gen):
     q = torch.randn(1, 6, 3, 3, generator=gen, requires_grad=True)
     k, v = torch.randn(4, 6, generator=gen), torch.randn(4, 6, generator=gen)
 
-    def aten_ops_within(op_name):
+    def softmaxes_run():  # the reference's forward and backward each run one softmax; the fused kernels none
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             ops.nr_recall(q, k, v).sum().backward()
-        names = set()
-        for event in prof.events():
-            if event.name == op_name:
-                stack = list(event.cpu_children)
-                while stack:
-                    child = stack.pop()
-                    names.add(child.name)
-                    stack.extend(child.cpu_children)
-        return names
+        return sum(event.name == "aten::_softmax" for event in prof.events())
 
     assert ops.backend("cpu", "nr_recall") == "cpp"
-    assert "aten::_softmax" not in aten_ops_within("memkd::nr_recall")
+    assert softmaxes_run() == 0
     ops.set_backend("cpu", "reference", ["nr_recall"])
     try:
         assert ops.backend("cpu", "nr_recall") == "reference" and ops.backend("cpu", "anomaly_map") == "cpp"
         assert ops.backends()["nr_recall"]["cpu"].startswith("reference (selected with set_backend")
-        assert "aten::_softmax" in aten_ops_within("memkd::nr_recall")
-        assert "aten::_softmax" in aten_ops_within("memkd::nr_recall_backward")
+        assert softmaxes_run() == 2
     finally:
         ops.set_backend("cpu", "default")
     assert ops.backend("cpu", "nr_recall") == "cpp"
-    assert "aten::_softmax" not in aten_ops_within("memkd::nr_recall")
+    assert softmaxes_run() == 0
     with pytest.raises(ValueError, match="name: expected 'default' or one of"):
         ops.set_backend("cpu", "triton")
     with pytest.raises(ValueError, match="device: expected one of"):
@@ -161,6 +152,13 @@ def test_compiled_kernels_check_arguments_too():
         torch.ops.memkd.nr_recall(torch.randn(1, 4, 2, 2), torch.randn(3, 5), torch.randn(3, 5))
     with pytest.raises(RuntimeError, match="ft: expected the shape of fs"):
         torch.ops.memkd.cosine_distance_map(torch.randn(1, 4, 2, 2), torch.randn(1, 4, 3, 2))
+    q, k = torch.randn(1, 4, 2, 2), torch.randn(3, 4)
+    with pytest.raises(RuntimeError, match="grad_out: expected the shape of query"):
+        torch.ops.memkd.nr_recall_backward(torch.randn(1, 4, 2, 3), q, k, k)
+    with pytest.raises(RuntimeError, match="grad_out: expected dtype"):
+        torch.ops.memkd.nr_recall_backward(q.double(), q, k, k)
+    with pytest.raises(RuntimeError, match=r"grad_out: expected shape \[B, H, W\] = \[1, 2, 2\]"):
+        torch.ops.memkd.cosine_distance_map_backward(torch.randn(1, 2, 3), q, q)
 
 
 def test_reference_fallback_when_extension_is_absent(tmp_path):

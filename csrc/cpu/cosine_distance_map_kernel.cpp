@@ -46,13 +46,7 @@ at::Tensor cosine_distance_map_cpu(const at::Tensor& fs_arg, const at::Tensor& f
 std::tuple<at::Tensor, at::Tensor> cosine_distance_map_backward_cpu(const at::Tensor& grad_out_arg,
                                                                     const at::Tensor& fs_arg,
                                                                     const at::Tensor& ft_arg) {
-  check_pair_of_maps(fs_arg, "fs", ft_arg, "ft");
-  check_float_tensor(grad_out_arg, "grad_out");
-  TORCH_CHECK(grad_out_arg.dim() == 3 && grad_out_arg.size(0) == fs_arg.size(0) &&
-                  grad_out_arg.size(1) == fs_arg.size(2) && grad_out_arg.size(2) == fs_arg.size(3),
-              "grad_out: expected shape [B, H, W] = [", fs_arg.size(0), ", ", fs_arg.size(2), ", ",
-              fs_arg.size(3), "], got ", grad_out_arg.sizes());
-  check_same_device_dtype(fs_arg, "fs", grad_out_arg, "grad_out");
+  check_cosine_distance_map_backward_args(grad_out_arg, fs_arg, ft_arg);
   const at::Tensor fs = dense_feature_map(fs_arg), ft = dense_feature_map(ft_arg);
   const at::Tensor grad_out = grad_out_arg.contiguous();
   at::Tensor grad_fs = at::empty_like(fs), grad_ft = at::empty_like(ft);

@@ -131,11 +131,7 @@ at::Tensor nr_recall_cpu(const at::Tensor& query_arg, const at::Tensor& keys,
 std::tuple<at::Tensor, at::Tensor, at::Tensor> nr_recall_backward_cpu(
     const at::Tensor& grad_out_arg, const at::Tensor& query_arg, const at::Tensor& keys,
     const at::Tensor& values) {
-  check_nr_recall_args(query_arg, keys, values);
-  check_float_tensor(grad_out_arg, "grad_out");
-  TORCH_CHECK(grad_out_arg.sizes() == query_arg.sizes(), "grad_out: expected the shape of query ",
-              query_arg.sizes(), ", got ", grad_out_arg.sizes());
-  check_same_device_dtype(query_arg, "query", grad_out_arg, "grad_out");
+  check_nr_recall_backward_args(grad_out_arg, query_arg, keys, values);
   const at::Tensor query = dense_feature_map(query_arg);
   const at::Tensor grad_out = dense_feature_map(grad_out_arg);
   at::Tensor grad_query = at::empty_like(query);

@@ -3,13 +3,21 @@
 // memory, the device facts used to pick tile sizes, and the launch helper.
 //
 // Every kernel runs 256 threads per block (kThreads) and takes all of its shared memory
-// dynamically. The kernel headers compile either with nvcc (the extension) or, with
-// MEMKD_CUDA_EMULATION defined, with a host compiler against emulation.h, which runs the very same
-// kernels on CPU threads so their indexing and synchronisation can be checked without a GPU.
+// dynamically.
+//
+// File convention of csrc/cuda: <op>_kernel.cu holds everything of one op — its kernels, their
+// launchers and the entry points registered with TORCH_LIBRARY_IMPL(memkd, CUDA) — and headers
+// (.cuh) hold only what several ops share: this file (device helpers, layouts, launch helpers) and
+// cosine_distances.cuh (the distance kernel of cosine_distance_map and anomaly_map). Argument
+// checks shared with the CPU kernels are in csrc/ops/checks.h, the schemas in csrc/ops/<op>.cpp.
 #pragma once
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cmath>
@@ -21,24 +29,11 @@
 
 #include "../ops/checks.h"
 
-#ifdef MEMKD_CUDA_EMULATION
-#include "emulation.h"
-#define MEMKD_HOST_DEVICE inline
-#define MEMKD_DEVICE inline
-#define MEMKD_GLOBAL
-#define MEMKD_GRID_CONSTANT
-#define MEMKD_SHARED_MEMORY(name) unsigned char* name = ::memkd_emu::state().shared
-#else
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <cuda_runtime.h>
 #define MEMKD_HOST_DEVICE __host__ __device__ __forceinline__
 #define MEMKD_DEVICE __device__ __forceinline__
 #define MEMKD_GLOBAL __global__ __launch_bounds__(256)
 #define MEMKD_GRID_CONSTANT __grid_constant__
 #define MEMKD_SHARED_MEMORY(name) extern __shared__ __align__(16) unsigned char name[]
-#endif
 
 namespace memkd::cuda {
 
@@ -162,17 +157,6 @@ struct DeviceInfo {
   int64_t smem_per_sm;  // shared memory of one multiprocessor
 };
 
-#ifdef MEMKD_CUDA_EMULATION
-inline DeviceInfo device_info() {
-  return {static_cast<int>(memkd_emu::env_or("MEMKD_EMU_SMS", 4)),
-          memkd_emu::env_or("MEMKD_EMU_SMEM", 227 * 1024), memkd_emu::env_or("MEMKD_EMU_SMEM_SM", 228 * 1024)};
-}
-
-template <typename... Params, typename... Args>
-void launch_kernel(void (*kernel)(Params...), dim3 grid, size_t smem_bytes, Args&&... args) {
-  memkd_emu::launch(kernel, grid, dim3(kThreads), smem_bytes, std::forward<Args>(args)...);
-}
-#else
 // Facts of the current device, queried once per device.
 inline DeviceInfo device_info() {
   static std::mutex mutex;
@@ -202,7 +186,6 @@ void launch_kernel(void (*kernel)(Params...), dim3 grid, size_t smem_bytes, Args
   kernel<<<grid, dim3(kThreads), smem_bytes, c10::cuda::getCurrentCUDAStream()>>>(std::forward<Args>(args)...);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
-#endif
 
 // Resident blocks of `smem_bytes` shared memory on one multiprocessor (at most 8 of 256 threads).
 inline int blocks_per_sm(const DeviceInfo& dev, int64_t smem_bytes) {

@@ -52,6 +52,28 @@ inline void check_pair_of_maps(const at::Tensor& fs, const char* fs_name, const 
   check_same_device_dtype(fs, fs_name, ft, ft_name);
 }
 
+// memkd::nr_recall_backward: the forward's arguments and grad_out shaped like query.
+inline void check_nr_recall_backward_args(const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& keys,
+                                          const at::Tensor& values) {
+  check_nr_recall_args(query, keys, values);
+  check_float_tensor(grad_out, "grad_out");
+  TORCH_CHECK(grad_out.sizes() == query.sizes(), "grad_out: expected the shape of query ", query.sizes(), ", got ",
+              grad_out.sizes());
+  check_same_device_dtype(query, "query", grad_out, "grad_out");
+}
+
+// memkd::cosine_distance_map_backward: the forward's arguments and grad_out [B, H, W] like the output.
+inline void check_cosine_distance_map_backward_args(const at::Tensor& grad_out, const at::Tensor& fs,
+                                                    const at::Tensor& ft) {
+  check_pair_of_maps(fs, "fs", ft, "ft");
+  check_float_tensor(grad_out, "grad_out");
+  TORCH_CHECK(grad_out.dim() == 3 && grad_out.size(0) == fs.size(0) && grad_out.size(1) == fs.size(2) &&
+                  grad_out.size(2) == fs.size(3),
+              "grad_out: expected shape [B, H, W] = [", fs.size(0), ", ", fs.size(2), ", ", fs.size(3), "], got ",
+              grad_out.sizes());
+  check_same_device_dtype(fs, "fs", grad_out, "grad_out");
+}
+
 inline void check_anomaly_map_args(at::TensorList student, at::TensorList teacher,
                                    at::IntArrayRef out_size, double sigma) {
   TORCH_CHECK(!student.empty(), "student_features: expected at least one stage, got none");

@@ -1,4 +1,5 @@
 // Schema of the per-pixel teacher-student cosine distance (paper Eq. 3) and of its backward.
+// The same strings as SCHEMAS in memkd/ops/cosine_distance_map.py (tests/test_ops_cpu.py compares them).
 #include <torch/library.h>
 
 TORCH_LIBRARY_FRAGMENT(memkd, m) {

@@ -389,8 +389,7 @@ def markdown(p: dict, png_name: Optional[str]) -> str:
     if any(t.get("method") == "pairs" for t in p["targets"]):
         out.append("A target measured in interleaved pairs times its subject and baseline alternately in one test "
                    "(subject first, then baseline first, and so on) and takes the median of the per-pair ratios, so "
-                   "that a burst of load on a shared machine falls on both; results from before 2026-12-02 compared "
-                   "two separate cases.\n")
+                   "that a burst of load on a shared machine falls on both.\n")
     rows = []
     for t in p["targets"]:
         cmp = ">=" if t["kind"] == "speedup" else "<="

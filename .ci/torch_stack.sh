@@ -6,7 +6,13 @@
 # GPU check's rehearsal (benchmarks/gpu_check.sh --rehearsal) must pass against this stack.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-py312=$(command -v python3.12 || ls -d "$(pyenv root 2>/dev/null || echo "$HOME/.pyenv")"/versions/3.12*/bin/python3.12 | tail -n1)
+# pyenv's python3.12 shim exists even where 3.12 is not the active version, so try each candidate.
+py312=""
+for candidate in python3.12 "$(pyenv root 2>/dev/null || echo "$HOME/.pyenv")"/versions/3.12*/bin/python3.12; do
+  if "$candidate" -c 'import sys; assert sys.version_info[:2] == (3, 12)' >/dev/null 2>&1; then py312=$candidate; break; fi
+done
+[ -n "$py312" ] || { echo "no Python 3.12 interpreter found" >&2; exit 1; }
+echo "+ Python 3.12: $py312"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 "$py312" -m venv "$work/venv"

@@ -29,12 +29,14 @@ echo "+ python3 -m pip install \".[test]\"   (into the existing torch $before)"
 MEMKD_CUDA=OFF python -m pip install -q ".[test]"
 after=$(python -c 'import torch; print(torch.__version__)')
 [ "$before" = "$after" ] || { echo "memkd's install replaced torch $before with $after" >&2; exit 1; }
-python - <<'PY'
+# From outside the checkout, whose memkd/ has no compiled modules.
+(cd "$work" && python - <<'PY'
 import memkd.ops as ops
 cpu = ops.backends()["nr_recall"]["cpu"]
 assert cpu.startswith("cpp (compiled kernels"), cpu
 print("torch kept; CPU kernels:", cpu)
 PY
+)
 memkd info
 echo "+ pytest tests/test_ops_cpu.py tests/test_triton_kernels.py tests/test_packaging.py"
 pytest tests/test_ops_cpu.py tests/test_triton_kernels.py tests/test_packaging.py -q -n 2 -p no:cacheprovider

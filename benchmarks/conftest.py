@@ -23,7 +23,7 @@ import report
 from benchlib import PAIR_ROUNDS, STATE as _STATE, Settings, alternating_rounds, malloc_setting, synchronized
 
 AREA_FILES = ("test_ops.py", "test_inference.py", "test_training.py", "test_memory.py", "test_scaling.py", "test_peers.py",
-              "test_metrics.py")
+              "test_metrics.py", "test_export.py")
 
 
 def pytest_addoption(parser):

@@ -156,9 +156,10 @@ def _add_command(commands, name: str, handler, summary: str, description: str) -
 
 
 COMPILE_HELP = (
-    "compiled inference with frozen weights, faster per image (benchmarks/README.md). On the CPU: an AOTInductor "
-    "package compiled once (a few minutes for WideResNet50) and cached in CHECKPOINT/compiled/ for this batch size; "
-    "later runs load it in seconds and use it even without --compile. On GPUs: torch.compile in this process"
+    "compiled inference, faster per image (benchmarks/README.md). On the CPU: a package compiled once (OpenVINO fp32 "
+    "with the export extra installed, else AOTInductor at this batch size; under a minute for WideResNet50) and "
+    "cached in CHECKPOINT/compiled/; later runs load it in seconds and use it even without --compile. On GPUs: "
+    "torch.compile with frozen weights in this process"
 )
 EAGER_HELP = "plain PyTorch inference (MemKD.predict), not the cached compiled package that is otherwise used on the CPU"
 
@@ -571,8 +572,8 @@ def _load(directory: Path, device: str):
 
 
 def _cached_predictor(checkpoint, args: argparse.Namespace):
-    """The cached AOTInductor predictor for ``memkd test``/``predict`` on the CPU (memkd.aoti_cache), or None."""
-    from memkd.aoti_cache import predictor_for
+    """The cached compiled predictor for ``memkd test``/``predict`` on the CPU (memkd.compiled_cache), or None."""
+    from memkd.compiled_cache import predictor_for
 
     predictor = predictor_for(checkpoint, resolve_device(args.device), args.batch_size, compile=args.compile, eager=args.eager)
     if predictor is not None:

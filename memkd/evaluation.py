@@ -136,7 +136,7 @@ def predict_dataset(
 ) -> Predictions:
     """Maps and scores of every item of a memkd.data dataset, one batch at a time; ``compile``:
     through a ``CompiledPredictor`` (its one-off compile time is included in ``seconds``);
-    ``predictor``: through this instead of ``model.predict`` (e.g. ``memkd.aoti_cache``)."""
+    ``predictor``: through this instead of ``model.predict`` (e.g. ``memkd.compiled_cache``)."""
     predict = predictor or (CompiledPredictor(model) if compile else model.predict)
     loader = make_loader(dataset, batch_size=batch_size, shuffle=False, workers=workers)
     scores, labels, maps, masks, paths, defects, native = [], [], [], [], [], [], []

@@ -26,6 +26,7 @@ The deployment side, which needs only numpy, Pillow and the chosen runtime, is `
 """
 from __future__ import annotations
 
+import copy
 import importlib
 import json
 import os
@@ -80,7 +81,7 @@ class DeploymentModule(nn.Module):
             raise ExportError(f"input: expected one of {INPUT_KINDS}, got {input_kind!r}")
         self.model = model
         self.input_kind = input_kind
-        self.threshold = None if threshold is None else float(threshold)
+        self.threshold = None if threshold is None else fp32_threshold(threshold)
         self.sigma = float(sigma)
         self.fused_anomaly_map = fused_anomaly_map
         config = model.config
@@ -101,6 +102,16 @@ class DeploymentModule(nn.Module):
         if self.threshold is None:
             return maps, scores
         return maps, scores, scores > self.threshold
+
+
+def fp32_threshold(threshold: float) -> float:
+    """The largest float32 value <= ``threshold``: for float32 scores, ``score > it`` in float32 is
+    exactly ``score > threshold`` in float64, the comparison ``memkd predict`` makes (rounding to
+    the nearest float32 could move the threshold onto a score)."""
+    value = np.float32(threshold)
+    if float(value) > threshold:
+        value = np.nextafter(value, np.float32(-np.inf))
+    return float(value)
 
 
 def example_input(model: MemKD, input_kind: str, batch: int = TRACE_BATCH) -> torch.Tensor:
@@ -125,8 +136,6 @@ def export_program(model: MemKD, input_kind: str = "raw", threshold: Optional[fl
 def _frozen_cpu_copy(model: MemKD) -> MemKD:
     if not isinstance(model, MemKD):
         raise ExportError(f"model: expected a MemKD, got {type(model).__name__}")
-    import copy
-
     return copy.deepcopy(model).cpu().float().eval().requires_grad_(False)
 
 
@@ -177,7 +186,9 @@ def write_aoti(model: MemKD, path: Path, input_kind: str, threshold: Optional[fl
                batch_size: Optional[int] = None) -> dict[str, Any]:
     """An AOTInductor package of ``model`` with frozen weights, calling memkd's fused CPU kernels."""
     program = export_program(model, input_kind, threshold, fused_anomaly_map=True, batch_size=batch_size)
-    torch._inductor.aoti_compile_and_package(program, package_path=str(path), inductor_configs={"freezing": True})
+    # inductor freezes (folds BatchNorm, prepacks oneDNN convolution weights) only with grad disabled
+    with torch.no_grad():
+        torch._inductor.aoti_compile_and_package(program, package_path=str(path), inductor_configs={"freezing": True})
     return {"needs": "memkd's ops registered before loading (import memkd.ops; in C++ load memkd/_C*.so)"}
 
 

@@ -338,7 +338,9 @@ def test_missing_extra_names_it(monkeypatch, run, tmp_path):
 def test_cached_compiled_package(images, tmp_path, capsys):
     """--compile builds the package once; a later run without --compile loads it and decides and
     scores as eager; a re-saved checkpoint (new model file) is not served by the old package."""
-    from memkd.aoti_cache import CACHE_DIR
+    from memkd.compiled_cache import CACHE_DIR, default_backend
+
+    assert default_backend() == "openvino"  # the test extra installs the export extra
 
     torch.manual_seed(2)
     model = build_model(MemKDConfig(method="memkd", backbone="resnet18", weights=None, image_size=SIZE, memory_items=5)).eval()
@@ -353,10 +355,10 @@ def test_cached_compiled_package(images, tmp_path, capsys):
         return captured.out, read_csv(tmp_path / out / "predictions.csv")
 
     built, _ = predict("compiled", "--compile")
-    assert "inference: AOTInductor package" in built and "built in" in built
-    assert len(list((directory / CACHE_DIR).glob("*.pt2"))) == 1
+    assert "inference: openvino package" in built and "built in" in built
+    assert len([p for p in (directory / CACHE_DIR).iterdir() if p.is_dir()]) == 1
     loaded, cached_rows = predict("cached")
-    assert "inference: AOTInductor package" in loaded and "loaded in" in loaded
+    assert "inference: openvino package" in loaded and "loaded in" in loaded
     eager_out, eager_rows = predict("eager", "--eager")
     assert "inference:" not in eager_out
     assert [r["decision"] for r in cached_rows] == [r["decision"] for r in eager_rows]
@@ -368,3 +370,34 @@ def test_cached_compiled_package(images, tmp_path, capsys):
     assert "inference:" not in stale
     code = cli.main(["predict", str(directory), *common, "--out", str(tmp_path / "x"), "--compile", "--eager"])
     assert code == cli.EXIT_ERROR and "--compile, --eager" in capsys.readouterr().err
+
+
+def test_fp32_threshold_decides_as_float64():
+    """Scores one float32 step either side of a threshold that rounds up onto the upper one."""
+    lower = np.float32(1.0)
+    upper = np.nextafter(lower, np.float32(2.0))
+    threshold = (float(lower) + float(upper)) / 2 + 1e-12  # rounds to upper in float32
+    assert float(np.float32(threshold)) == float(upper)
+    scores = torch.tensor([lower, upper])
+    module_threshold = export.fp32_threshold(threshold)
+    assert (scores > module_threshold).tolist() == [float(s) > threshold for s in scores.tolist()] == [False, True]
+
+
+def test_cached_aoti_package_pads_and_chunks(run, tmp_path):
+    """The AOTI backend of the cache (used without OpenVINO): a batch-4 package scores 3 and 6
+    images (padded; chunked) as eager predict, and a run asking for another batch size finds it."""
+    from memkd import compiled_cache
+
+    directory = save_checkpoint(run.model, tmp_path / "run", extra=run.extra)
+    built = compiled_cache.cached_predictor(run.model, directory, None, None, 4, "cpu", build=True, backend="aoti")
+    assert built.package.built and built.package.path.suffix == ".pt2" and built.batch_size == 4
+    for count in (3, 6):
+        images = normalized(random_pixels(count, seed=count), run.config)
+        maps, scores = built(images)
+        want_maps, want_scores = run.model.predict(images)
+        assert maps.shape == (count, SIZE, SIZE)
+        assert_close(maps.numpy(), want_maps.numpy(), f"aoti maps, {count} images")
+        assert_close(scores.numpy(), want_scores.numpy(), f"aoti scores, {count} images")
+    found = compiled_cache.cached_predictor(run.model, directory, None, None, 16, "cpu", build=False, backend="aoti")
+    assert found is not None and not found.package.built and found.batch_size == 4
+    assert compiled_cache.cached_predictor(run.model, directory, None, None, 4, "cpu", build=False, backend="openvino") is None

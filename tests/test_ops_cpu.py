@@ -134,7 +134,9 @@ BAD_INPUTS = [
     ("teacher_features: expected 2 stages", lambda: ops.anomaly_map([torch.randn(1, 4, 2, 2)] * 2, [torch.randn(1, 4, 2, 2)], (8, 8))),
     ("student_features: expected at least one stage", lambda: ops.anomaly_map([], [], (8, 8))),
     ("out_size: expected two positive", lambda: ops.anomaly_map([torch.randn(1, 4, 2, 2)], [torch.randn(1, 4, 2, 2)], (0, 8))),
-    ("sigma: expected a value >= 0", lambda: ops.anomaly_map([torch.randn(1, 4, 2, 2)], [torch.randn(1, 4, 2, 2)], (8, 8), -1.0)),
+    ("sigma: expected a finite value >= 0", lambda: ops.anomaly_map([torch.randn(1, 4, 2, 2)], [torch.randn(1, 4, 2, 2)], (8, 8), -1.0)),
+    ("sigma: expected a finite value >= 0", lambda: ops.anomaly_map([torch.randn(1, 4, 2, 2)], [torch.randn(1, 4, 2, 2)], (8, 8), float("inf"))),
+    ("sigma: expected a finite value >= 0", lambda: ops.anomaly_map([torch.randn(1, 4, 2, 2)], [torch.randn(1, 4, 2, 2)], (8, 8), float("nan"))),
     ("student_features[1]: expected batch 1", lambda: ops.anomaly_map(
         [torch.randn(1, 4, 2, 2), torch.randn(2, 4, 2, 2)], [torch.randn(1, 4, 2, 2), torch.randn(2, 4, 2, 2)], (8, 8))),
 ]

@@ -1,6 +1,7 @@
 // Argument checks shared by every backend's entry points: each names the argument and what was
 // expected, so bad input fails here rather than deep inside a kernel.
 #pragma once
+#include <cmath>
 #include <ATen/ATen.h>
 
 namespace memkd {
@@ -81,7 +82,7 @@ inline void check_anomaly_map_args(at::TensorList student, at::TensorList teache
               " stages like student_features, got ", teacher.size());
   TORCH_CHECK(out_size.size() == 2 && out_size[0] > 0 && out_size[1] > 0,
               "out_size: expected two positive integers (H, W), got ", out_size);
-  TORCH_CHECK(sigma >= 0, "sigma: expected a value >= 0, got ", sigma);
+  TORCH_CHECK(std::isfinite(sigma) && sigma >= 0, "sigma: expected a finite value >= 0, got ", sigma);
   for (size_t i = 0; i < student.size(); ++i) {
     check_pair_of_maps(student[i], "student_features", teacher[i], "teacher_features");
     check_same_device_dtype(student[0], "student_features[0]", student[i], "student_features");

@@ -2,6 +2,7 @@
 function, its argument checks, its schema, fake kernel and backends."""
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -34,8 +35,8 @@ def check_anomaly_map_args(
         )
     if len(out_size) != 2 or any(int(s) <= 0 for s in out_size):
         raise ValueError(f"out_size: expected two positive integers (H, W), got {tuple(out_size)}")
-    if not sigma >= 0:
-        raise ValueError(f"sigma: expected a value >= 0, got {sigma}")
+    if not (math.isfinite(sigma) and sigma >= 0):
+        raise ValueError(f"sigma: expected a finite value >= 0, got {sigma}")
     first = student_features[0]
     for i, (fs, ft) in enumerate(zip(student_features, teacher_features)):
         check_cosine_distance_map_args(fs, ft, f"student_features[{i}]", f"teacher_features[{i}]")

@@ -297,22 +297,30 @@ def export_run(run_dir: PathLike, fmt: str, out: PathLike, *, input_kind: str = 
 def predict_with_export(export_dir: PathLike, inputs, out_dir: PathLike, threshold: Optional[float] = None, *,
                         batch_size: int = 16, progress: bool = True, csv_name: str = "predictions.csv"):
     """``memkd predict EXPORT_DIR``: score image files with an export (``memkd.deploy.Inferencer``) and
-    write the same ``<name>_heatmap.png`` overlays and CSV as ``evaluation.predict_images`` does with
-    a checkpoint. threshold: None takes the export's. Returns (csv path, rows, threshold used)."""
-    from tqdm import tqdm
-
+    write the same ``<name>_heatmap.png`` figures and CSV as ``evaluation.predict_images`` does with
+    a checkpoint (the output folder locked meanwhile). threshold: None takes the export's.
+    Returns (csv path, rows, threshold used)."""
     from memkd import reports
-    from memkd.evaluation import collect_images, prediction_row, write_predictions_csv
-    from memkd.images import ImageReadError, read_rgb, resized_pixels
+    from memkd.evaluation import collect_images
 
     inferencer = deploy.Inferencer(export_dir)
     files = collect_images(inputs)  # before anything is written: a missing path fails here
     threshold = inferencer.threshold if threshold is None else float(threshold)
     if threshold is None:
         raise ExportError(f"{export_dir}: the export has no decision threshold (its checkpoint had none); pass --threshold")
+    with reports.folder_lock(out_dir):
+        csv_path, rows = _predict_files_with_export(inferencer, files, Path(out_dir), threshold, batch_size, progress, csv_name)
+    return csv_path, rows, threshold
+
+
+def _predict_files_with_export(inferencer, files, out_dir: Path, threshold: float, batch_size: int, progress: bool,
+                               csv_name: str):
+    from tqdm import tqdm
+
+    from memkd.evaluation import prediction_row, write_prediction_figure, write_predictions_csv
+    from memkd.images import ImageReadError, read_rgb, resized_pixels
+
     heatmap_range = inferencer.metadata.get("heatmap_range")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
     for start in tqdm(range(0, len(files), batch_size), desc="predict", unit="batch", disable=not progress):
         chunk = files[start:start + batch_size]
@@ -335,8 +343,7 @@ def predict_with_export(export_dir: PathLike, inputs, out_dir: PathLike, thresho
                 continue
             amap, score = result.maps[position], float(result.scores[position])
             position += 1
-            vrange = tuple(heatmap_range) if heatmap_range else (float(amap.min()), float(amap.max()) + 1e-6)
             heatmap = f"{name}_heatmap.png"
-            reports.write_png(out_dir / heatmap, reports.overlay(np.asarray(original), amap, *vrange))
+            write_prediction_figure(out_dir / heatmap, np.asarray(original), amap, score, threshold, Path(path).name, heatmap_range)
             rows.append(prediction_row(path, score, threshold, heatmap, ""))
-    return write_predictions_csv(out_dir / csv_name, rows), rows, threshold
+    return write_predictions_csv(out_dir / csv_name, rows), rows

@@ -703,7 +703,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from memkd.export import export_run
 
     out = export_run(args.run_dir, args.format, args.out, input_kind=args.input)
-    _print(f"wrote a {args.format} export to {out} (input: {args.input}; see {out / 'memkd_export.json'})")
+    _print(f"wrote the {args.format} export to {out} (input: {args.input}; see {out / 'memkd_export.json'})")
     return 0
 
 

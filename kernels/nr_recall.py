@@ -224,8 +224,8 @@ def _nr_recall_bwd_kernel(
 # Hand-picked tiles (no autotuning), (BLOCK_P, BLOCK_C, num_warps) by (16-bit dtype?, BLOCK_L), checked
 # by compiling for sm_80 and sm_90 (Triton 3.8, ptxas -v): every choice compiles without register
 # spills except the fp32 backward at BLOCK_L 64 (a few dozen bytes: tf32x3 splits every operand into
-# two TF32 halves), and all fit the 99 KB of shared memory of consumer Ampere as well. Not yet timed
-# on a GPU.
+# two TF32 halves), and all fit the 99 KB of shared memory of consumer Ampere as well. Their speed
+# is what benchmarks/gpu_bench.py measures on a GPU.
 #
 # Forward: the [BLOCK_L, BLOCK_P] fp32 score tile stays in registers across both C loops, so
 # BLOCK_L * BLOCK_P stays at 2-4K elements; BLOCK_C makes one chunk row 128 bytes (64 half / 32 fp32

@@ -66,7 +66,7 @@ inline double vector_exp(double x) { return std::exp(x); }
 // Pixel tile size: about 1 MiB of fp32 per [C, T] buffer, a multiple of 16, at most 512 pixels and
 // the image, and at least two tiles in all so that a single image still splits across threads. It
 // does not depend on the thread count, which keeps the gradient reductions the same for any count.
-// Splitting a lone image made the 2048x8x8 B=1 backward 25% faster on 2 threads (BLAS kernels).
+// Splitting a lone image lets every thread work at batch 1.
 // With the register-blocked products (B=16, 2 threads, calls alternating in one process), tiles of
 // 128 KiB, 256 KiB, 512 KiB or 2 MiB were no faster at 512x32x32 and 1024x16x16.
 inline int64_t pixel_tile(int64_t channels, int64_t pixels, int64_t batch) {

@@ -18,10 +18,12 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
 import sysconfig
+import tempfile
 from pathlib import Path
 
 from setuptools import Extension, build_meta, find_packages, setup
@@ -60,13 +62,59 @@ def installed_torch_version() -> str | None:
     return None
 
 
+# What pip sets while it runs a build hook: a nested pip given them would resolve inside the
+# isolated build environment (or share the outer pip's build tracker) instead of for the target.
+PIP_HOOK_VARIABLES = ("PYTHONPATH", "PYTHONNOUSERSITE", "PIP_BUILD_TRACKER", "PIP_REQ_TRACKER",
+                      "_PIP_IN_BUILD_IGNORE_CONSTRAINTS")
+
+
+def torch_deciding_requirements() -> list[str]:
+    """The runtime requirements (pyproject.toml) that decide which torch pip installs with memkd."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        from setuptools.compat.py310 import tomllib
+    dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    return [r for r in dependencies if re.match(r"[A-Za-z0-9._-]+", r).group().lower() in ("torch", "torchvision")]
+
+
+def resolved_torch_version() -> str | None:
+    """The torch that pip will install into the target environment beside memkd, found by a dry
+    run of the target's own pip with its configuration (indexes, constraint files), or None.
+
+    Since pip 26.2 the configured constraints no longer apply to build environments, so an
+    unpinned build requirement can get a newer torch than the one the same pip installs at run
+    time, and modules compiled against it would not load."""
+    environment = {k: v for k, v in os.environ.items() if k not in PIP_HOOK_VARIABLES}
+    with tempfile.TemporaryDirectory() as folder:
+        report = Path(folder) / "report.json"
+        command = [sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--report", str(report),
+                   *torch_deciding_requirements()]
+        try:
+            subprocess.run(command, env=environment, capture_output=True, check=True, timeout=900)
+            installs = json.loads(report.read_text())["install"]
+        except (OSError, ValueError, KeyError, subprocess.SubprocessError):
+            return None
+    for item in installs:
+        if item.get("metadata", {}).get("name", "").lower() == "torch":
+            return item["metadata"]["version"]
+    return None
+
+
 def torch_requirements() -> list[str]:
     version = installed_torch_version()
     if version is not None:
         major_minor = tuple(int(part) for part in version.split("+")[0].split(".")[:2])
         if major_minor >= (2, 10):
             return []  # build against it, from the target environment
-    return [TORCH_REQUIREMENT]
+    resolved = resolved_torch_version()
+    if resolved is None:
+        print(f"memkd: could not find which torch pip installs here; building against the newest {TORCH_REQUIREMENT}. "
+              "If pip then installs another torch, the kernels will not load: install torch first, then memkd.",
+              file=sys.stderr)
+        return [TORCH_REQUIREMENT]
+    print(f"memkd: building against torch {resolved}, the torch pip installs into this environment", file=sys.stderr)
+    return [f"torch=={resolved}"]
 
 
 def get_requires_for_build_wheel(config_settings=None):

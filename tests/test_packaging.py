@@ -27,15 +27,56 @@ def setup_module_():
 
 
 @pytest.mark.parametrize(
-    ("installed", "expected"),
-    [(None, ["torch>=2.10"]), ("2.9.1", ["torch>=2.10"]), ("2.10.0", []), ("2.11.0+cu130", []), ("2.14.1", [])],
+    ("installed", "resolved", "expected"),
+    [(None, "2.14.1", ["torch==2.14.1"]), (None, "2.12.0+cu126", ["torch==2.12.0+cu126"]), (None, None, ["torch>=2.10"]),
+     ("2.9.1", "2.14.1", ["torch==2.14.1"]), ("2.10.0", "2.14.1", []), ("2.11.0+cu130", None, []), ("2.14.1", None, [])],
 )
 def test_torch_is_a_build_requirement_only_without_a_usable_installed_torch(setup_module_, monkeypatch, installed,
-                                                                            expected):
+                                                                            resolved, expected):
+    """Without a usable torch in the target, the build gets exactly the torch pip installs there."""
     monkeypatch.setattr(setup_module_, "installed_torch_version", lambda: installed)
+    monkeypatch.setattr(setup_module_, "resolved_torch_version", lambda: resolved)
     assert setup_module_.torch_requirements() == expected
     assert set(expected) <= set(setup_module_.get_requires_for_build_wheel())
-    assert ("torch>=2.10" in setup_module_.get_requires_for_build_editable()) == bool(expected)
+    editable = [r for r in setup_module_.get_requires_for_build_editable() if r.startswith("torch")]
+    assert editable == expected
+
+
+def test_torch_resolution_asks_the_target_pip_outside_the_build_environment(setup_module_, monkeypatch):
+    """The dry run uses the target's interpreter without the variables of pip's isolated build."""
+    calls = []
+
+    def fake_run(command, env, **kwargs):
+        calls.append((command, env))
+        report = Path(command[command.index("--report") + 1])
+        report.write_text('{"install": [{"metadata": {"name": "torchvision", "version": "0.27.0"}},'
+                          ' {"metadata": {"name": "torch", "version": "2.12.0"}}]}')
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setenv("PYTHONPATH", "/tmp/pip-build-env/site")
+    monkeypatch.setenv("PYTHONNOUSERSITE", "1")
+    monkeypatch.setenv("PIP_BUILD_TRACKER", "/tmp/pip-build-tracker")
+    monkeypatch.setenv("PIP_INDEX_URL", "https://example.invalid/simple")
+    monkeypatch.setattr(setup_module_.subprocess, "run", fake_run)
+    assert setup_module_.resolved_torch_version() == "2.12.0"
+    (command, env), = calls
+    assert command[:5] == [sys.executable, "-m", "pip", "install", "--dry-run"]
+    assert command[-2:] == ["torch>=2.10", "torchvision>=0.25"]  # pyproject.toml's, in its order
+    assert not {"PYTHONPATH", "PYTHONNOUSERSITE", "PIP_BUILD_TRACKER"} & set(env)
+    assert env["PIP_INDEX_URL"] == "https://example.invalid/simple"  # the user's pip settings apply
+
+
+@pytest.mark.parametrize("outcome", ["fails", "no torch in report", "no report"])
+def test_torch_resolution_gives_none_when_pip_cannot_answer(setup_module_, monkeypatch, outcome):
+    def fake_run(command, env, **kwargs):
+        if outcome == "fails":
+            raise subprocess.CalledProcessError(1, command)
+        if outcome == "no torch in report":
+            Path(command[command.index("--report") + 1]).write_text('{"install": []}')
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(setup_module_.subprocess, "run", fake_run)
+    assert setup_module_.resolved_torch_version() is None
 
 
 def test_build_inputs_change_with_sources_torch_and_switches(setup_module_, monkeypatch, tmp_path):

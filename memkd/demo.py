@@ -1,14 +1,8 @@
-"""``memkd demo``: the whole loop on real photographs, in minutes on a CPU (``DURATION``).
+"""``memkd demo``: the whole loop on real photographs, in minutes on a CPU (``memkd demo --help``).
 
-1. Data: an MVTec-layout dataset under ``OUT/data`` built from the texture photographs that ship
-   with scikit-image (``skimage.data``: brick, grass, gravel; 512x512 grayscale, made RGB).
-   Normal images are random crops (128 pixels, resized to the model's input size); the left part of each photograph (x < 320 of 512) feeds the
-   training crops and the right part the test crops, so no test pixel was seen in training.
-   Defective test crops get one synthetic defect with an exact mask (``ground_truth/<defect>/
-   <name>_mask.png``):
-   - ``patch``: a piece of another texture pasted in a random rotated rectangle or ellipse;
-   - ``scratch``: a thin bright or dark polyline (the mask is the drawn line);
-   - ``stain``: a blurred dark brown blob (the mask is where its opacity reaches half its peak).
+1. Data: an MVTec-layout dataset under ``OUT/data`` with synthetic defects on scikit-image's
+   texture photographs (``memkd.data.synthetic``: brick, grass, gravel; pasted patches, scratches,
+   stains, with exact masks; no test pixel is seen in training).
 2. Training: MemKD (the paper's method) and the RD4AD baseline (``rd``) per texture, with a small
    ResNet-18 teacher at 128x128, 32 training images, batch 4, 4 epochs (``memkd train`` with far
    fewer epochs and images).
@@ -19,11 +13,10 @@
 The teacher uses ImageNet weights when torchvision has them cached or can download them (a short
 attempt); otherwise it is randomly initialised, which the demo says, since random features
 detect far less. Everything is seeded: the same command writes the same numbers on one machine.
+The command line's side (options, printing the table) is ``memkd.cli.demo``.
 """
 from __future__ import annotations
 
-import argparse
-import math
 import platform
 import sys
 import threading
@@ -33,23 +26,31 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter
-from tqdm import tqdm
 
-# How long the whole demo takes, as measured (the README says the same).
-DURATION = "3.5 to 10.4 min on a 2-core CPU (measured on a 2-core AMD EPYC: 3.5 min with one other job on its cores, 10.4 min with more)"
-DESCRIPTION = (
-    "Build a small MVTec-layout dataset from scikit-image's texture photographs (brick, grass, gravel) with "
-    "synthetic defects (pasted patches, scratches, stains; exact masks), train MemKD and the RD baseline with a "
-    f"ResNet-18 teacher, evaluate both and write OUT/report.md and OUT/heatmaps.png. Takes {DURATION}; "
-    "--quick is a one-minute smoke version. Uses ImageNet weights when they are cached or can be "
-    "downloaded, else a random teacher (and says what that costs)."
+from memkd import figures, reports
+from memkd.data import IMAGENET_MEAN, IMAGENET_STD
+
+# The demo's dataset; its functions are also reached here (memkd.demo was their home).
+from memkd.data.synthetic import (  # noqa: F401
+    DEFECTS,
+    TEXTURES,
+    TRAIN_REGION,
+    _rgb,
+    add_patch,
+    add_scratch,
+    add_stain,
+    available_textures,
+    make_dataset,
 )
-TEXTURES = ("brick", "grass", "gravel")
-DEFECTS = ("patch", "scratch", "stain")
+from memkd.evaluation import build_test_dataset
+from memkd.files import write_json, write_text
+from memkd.metrics import METRIC_NAMES
+from memkd.models import MemKDConfig
+from memkd.pipeline import train_category
+from memkd.train import TrainConfig
+
 METHODS = ("memkd", "rd")
 MARKER = ".memkd-demo"
-TRAIN_REGION = 320  # of 512 columns: training crops come from x < 320, test crops from x >= 320
 
 
 @dataclass(frozen=True)
@@ -75,159 +76,6 @@ QUICK = DemoSettings(
     categories=("brick",), image_size=64, crop=128, train_images=8, test_good=4, test_per_defect=2, epochs=1, batch_size=8,
     exemplars=4, memory_items=10, figures=2,
 )
-
-
-# ---- textures and defects -----------------------------------------------------------------------
-
-
-def available_textures() -> dict[str, np.ndarray]:
-    """The texture photographs of skimage.data present in this version, as uint8 [512, 512]."""
-    import skimage.data
-
-    found = {}
-    for name in TEXTURES:
-        loader = getattr(skimage.data, name, None)
-        if loader is None:
-            continue
-        try:
-            pixels = np.asarray(loader())
-        except Exception:  # a data file missing from this installation
-            continue
-        if pixels.ndim == 3:
-            pixels = pixels[..., :3].mean(axis=2)
-        found[name] = pixels.astype(np.uint8)
-    return found
-
-
-def _rgb(gray: np.ndarray) -> np.ndarray:
-    return np.repeat(gray[..., None], 3, axis=2)
-
-
-def _crop(texture: np.ndarray, crop: int, size: int, rng: np.random.Generator, train: bool) -> np.ndarray:
-    """A random crop x crop window from the training (left) or test (right) part of the texture,
-    resized to size x size (PIL bilinear, antialiased)."""
-    height, width = texture.shape[:2]
-    x_low, x_high = (0, TRAIN_REGION - crop) if train else (TRAIN_REGION, width - crop)
-    x = int(rng.integers(x_low, x_high + 1))
-    y = int(rng.integers(0, height - crop + 1))
-    window = texture[y : y + crop, x : x + crop]
-    if crop == size:
-        return window
-    return np.asarray(Image.fromarray(window).resize((size, size), Image.BILINEAR))
-
-
-def _shape_mask(size: int, rng: np.random.Generator, low: float, high: float) -> np.ndarray:
-    """A random rotated rectangle or ellipse (side lengths low..high of ``size``) as bool [size, size]."""
-    canvas = Image.new("L", (size * 2, size * 2), 0)
-    draw = ImageDraw.Draw(canvas)
-    w, h = (rng.uniform(low, high, 2) * size * 2).tolist()
-    cx, cy = size, size
-    box = [cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2]
-    (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=255)
-    canvas = canvas.rotate(float(rng.uniform(0, 180)), resample=Image.NEAREST)
-    shape = np.asarray(canvas.resize((size, size), Image.NEAREST)) > 0
-    ys, xs = np.nonzero(shape)
-    shape = shape[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
-    out = np.zeros((size, size), bool)
-    oy = int(rng.integers(0, size - shape.shape[0] + 1))
-    ox = int(rng.integers(0, size - shape.shape[1] + 1))
-    out[oy : oy + shape.shape[0], ox : ox + shape.shape[1]] = shape
-    return out
-
-
-def add_patch(image: np.ndarray, other: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Paste a piece of another texture (crop ``other``, same size) in a random shape."""
-    size = image.shape[0]
-    mask = _shape_mask(size, rng, 0.15, 0.3)
-    out = image.copy()
-    out[mask] = other[mask]
-    return out, mask
-
-
-def add_scratch(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """A thin bright or dark polyline of 2-3 segments; the mask is exactly the drawn pixels."""
-    size = image.shape[0]
-    margin = size * 0.15
-    points = [tuple(rng.uniform(margin, size - margin, 2).tolist())]
-    for _ in range(int(rng.integers(2, 4))):
-        angle, length = rng.uniform(0, 2 * math.pi), rng.uniform(0.15, 0.35) * size
-        x, y = points[-1]
-        points.append((float(np.clip(x + length * math.cos(angle), 0, size - 1)), float(np.clip(y + length * math.sin(angle), 0, size - 1))))
-    width = max(1, int(round(size / 64 * rng.uniform(1.5, 2.5))))
-    canvas = Image.new("L", (size, size), 0)
-    ImageDraw.Draw(canvas).line(points, fill=255, width=width, joint="curve")
-    mask = np.asarray(canvas) > 0
-    value = rng.uniform(225, 255) if rng.random() < 0.5 else rng.uniform(0, 30)
-    out = image.astype(np.float32)
-    out[mask] = value
-    return out.round().astype(np.uint8), mask
-
-
-def add_stain(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """A blurred dark brown blob (2-4 overlapping ellipses); the mask is opacity >= half its peak."""
-    size = image.shape[0]
-    canvas = Image.new("L", (size, size), 0)
-    draw = ImageDraw.Draw(canvas)
-    cx, cy = rng.uniform(0.3, 0.7, 2) * size
-    for _ in range(int(rng.integers(2, 5))):
-        rx, ry = rng.uniform(0.05, 0.12, 2) * size
-        dx, dy = rng.normal(0, 0.06, 2) * size
-        draw.ellipse([cx + dx - rx, cy + dy - ry, cx + dx + rx, cy + dy + ry], fill=255)
-    blurred = np.asarray(canvas.filter(ImageFilter.GaussianBlur(radius=size / 40)), np.float32) / 255.0
-    peak = float(rng.uniform(0.55, 0.8))
-    alpha = blurred * peak
-    colour = np.asarray([70.0, 45.0, 25.0], np.float32) * float(rng.uniform(0.6, 1.0))
-    out = image.astype(np.float32) * (1 - alpha[..., None]) + colour * alpha[..., None]
-    return out.round().astype(np.uint8), blurred >= 0.5
-
-
-def make_dataset(root: Path, settings: DemoSettings, seed: int = 0, progress: bool = True) -> dict[str, dict[str, int]]:
-    """Write the MVTec-layout demo dataset under ``root`` (one folder per texture); returns counts."""
-    textures = available_textures()
-    missing = [c for c in settings.categories if c not in textures]
-    if missing:
-        raise RuntimeError(f"demo: scikit-image lacks the texture(s) {missing}; available: {sorted(textures)}")
-    if len(textures) < 2:
-        raise RuntimeError("demo: needs at least two skimage.data textures (patches come from another texture)")
-    size = settings.image_size
-    total = len(settings.categories) * (settings.train_images + settings.test_good + settings.test_per_defect * len(DEFECTS))
-    bar = tqdm(total=total, desc="demo data", unit="image", disable=not progress, leave=False)
-    counts = {}
-    for index, category in enumerate(settings.categories):
-        rng = np.random.default_rng([seed, index])
-        texture = textures[category]
-        others = [t for name, t in sorted(textures.items()) if name != category]
-        base = root / category
-
-        def save(rel: str, pixels: np.ndarray) -> None:
-            path = base / rel
-            path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(pixels).save(path)
-            bar.update(1 if not rel.startswith("ground_truth") else 0)
-
-        for i in range(settings.train_images):
-            save(f"train/good/{i:03d}.png", _rgb(_crop(texture, settings.crop, size, rng, train=True)))
-        for i in range(settings.test_good):
-            save(f"test/good/{i:03d}.png", _rgb(_crop(texture, settings.crop, size, rng, train=False)))
-        for defect in DEFECTS:
-            for i in range(settings.test_per_defect):
-                image = _rgb(_crop(texture, settings.crop, size, rng, train=False))
-                if defect == "patch":
-                    other = others[int(rng.integers(len(others)))]
-                    image, mask = add_patch(image, _rgb(_crop(other, settings.crop, size, rng, train=False)), rng)
-                elif defect == "scratch":
-                    image, mask = add_scratch(image, rng)
-                else:
-                    image, mask = add_stain(image, rng)
-                save(f"test/{defect}/{i:03d}.png", image)
-                save(f"ground_truth/{defect}/{i:03d}_mask.png", mask.astype(np.uint8) * 255)
-        counts[category] = {
-            "train": settings.train_images,
-            "test_good": settings.test_good,
-            "test_defective": settings.test_per_defect * len(DEFECTS),
-        }
-    bar.close()
-    return counts
 
 
 # ---- teacher weights ----------------------------------------------------------------------------
@@ -300,21 +148,17 @@ def prepare_out_dir(out: Path) -> None:
 
 def _heatmap_rows(evaluations: dict[str, dict[str, Any]], settings: DemoSettings, seed: int) -> list[dict[str, Any]]:
     """Per texture: one test image of each defect type and one normal one, with both methods' maps."""
-    from memkd import reports
-    from memkd.data import IMAGENET_MEAN, IMAGENET_STD
-    from memkd.evaluation import pick_samples
-
     rows = []
     for category in settings.categories:
         first = evaluations[METHODS[0]][category]
         predictions = first.predictions
-        picks = pick_samples(predictions.defects, len(DEFECTS) + 1, seed)
+        picks = reports.pick_samples(predictions.defects, len(DEFECTS) + 1, seed)
         for index in picks:
             item_image = first.test_set[index]["image"]
             rows.append(
                 {
                     "group": f"{category}/",
-                    "image": reports.denormalize(item_image, IMAGENET_MEAN, IMAGENET_STD),
+                    "image": figures.denormalize(item_image, IMAGENET_MEAN, IMAGENET_STD),
                     "mask": predictions.masks[index],
                     "maps": {m: evaluations[m][category].predictions.maps[index] for m in METHODS},
                     "scores": {m: float(evaluations[m][category].predictions.scores[index]) for m in METHODS},
@@ -333,9 +177,6 @@ class _Run:
 
 
 def _results_table(results: dict[str, dict[str, dict[str, Any]]], categories: Sequence[str]) -> str:
-    from memkd import reports
-    from memkd.metrics import METRIC_NAMES
-
     header = ["texture", "method", *(reports.METRIC_LABELS[n] for n in METRIC_NAMES), "image F1 @ threshold"]
     lines = ["| " + " | ".join(header) + " |", "|---|---|" + "---:|" * (len(header) - 2)]
     for category in categories:
@@ -366,11 +207,6 @@ def run_demo(
 ) -> dict[str, Any]:
     """Run the demo into ``out``; returns the summary written to ``out/report.json``."""
     import torch
-
-    from memkd import reports
-    from memkd.evaluation import build_test_dataset, train_category, write_summary
-    from memkd.models import MemKDConfig
-    from memkd.train import TrainConfig
 
     started = time.perf_counter()
     settings = settings or (QUICK if quick else FULL)
@@ -428,12 +264,12 @@ def run_demo(
             m = evaluation.metrics
             say(f"{method} {category}: image AUROC {reports.format_percent(m['image_auroc'])}, pixel AUROC "
                 f"{reports.format_percent(m['pixel_auroc'])}, AUPRO {reports.format_percent(m['aupro'])}")
-        write_summary(out / "runs" / method, results[method], f"memkd demo: {method}")
+        reports.write_summary(out / "runs" / method, results[method], f"memkd demo: {method}")
 
     rows = _heatmap_rows(runs, settings, seed)
     vranges = {f"{c}/{m}": tuple(results[m][c]["heatmap_range"]) for m in METHODS for c in settings.categories}
     thresholds = {f"{c}/{m}": (results[m][c]["threshold"] or {}).get("value") for m in METHODS for c in settings.categories}
-    figure = reports.heatmap_grid(
+    figure = figures.heatmap_grid(
         rows, list(METHODS), vranges, thresholds,
         title="memkd demo: test images, ground truth and anomaly maps (green: right decision, red: wrong)",
     )
@@ -455,16 +291,14 @@ def run_demo(
         "wall_seconds": wall,
     }
     summary["table"] = _results_table(results, settings.categories)
-    reports.write_json(out / "report.json", summary)
-    reports.write_text(out / "report.md", _report_markdown(summary, results, settings, out))
+    write_json(out / "report.json", summary)
+    write_text(out / "report.md", _report_markdown(summary, results, settings, out))
     say(f"done in {wall / 60:.1f} min")
     return summary
 
 
 def _report_markdown(summary: dict[str, Any], results, settings: DemoSettings, out: Path) -> str:
     import torch
-
-    from memkd import reports
 
     table = _results_table(results, settings.categories)
     lines = [
@@ -516,38 +350,3 @@ def _report_markdown(summary: dict[str, Any], results, settings: DemoSettings, o
             lines.append(f"| {method} | {category} | {t['train_s']:.0f} | {t['test_s']:.0f} |")
     lines += ["", f"Wall time of the whole demo: {summary['wall_seconds'] / 60:.1f} min.", ""]
     return "\n".join(lines)
-
-
-# ---- command line -------------------------------------------------------------------------------
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", type=Path, default=Path("memkd-demo"), help="output folder (new, empty, or an earlier demo's)")
-    parser.add_argument("--quick", action="store_true", help="tiny smoke version (one texture, 64x64, one epoch; ~1 min)")
-    parser.add_argument(
-        "--weights", default="auto", help="teacher weights: auto (ImageNet when cached or downloadable, else random), imagenet, none, or a file"
-    )
-    parser.add_argument("--seed", type=int, default=0, help="random seed (data and training)")
-    parser.add_argument("--download-timeout", type=float, default=20.0, help="seconds to wait for the ImageNet download")
-
-
-def run_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    from memkd.cli import resolve_device
-
-    device = resolve_device(args.device)
-    summary = run_demo(
-        args.out,
-        quick=args.quick,
-        seed=args.seed,
-        weights=args.weights,
-        device=device,
-        workers=args.workers,
-        progress=args.progress,
-        download_timeout=args.download_timeout,
-    )
-    report = Path(args.out) / "report.md"
-    print(summary["table"])
-    print(f"\nReport: {report.resolve()}\nHeatmaps: {(Path(args.out) / 'heatmaps.png').resolve()}")
-    if summary["random_teacher"]:
-        print("(random teacher: ImageNet weights were not available; see the report)")
-    return summary

@@ -297,18 +297,18 @@ def export_run(run_dir: PathLike, fmt: str, out: PathLike, *, input_kind: str = 
 def predict_with_export(export_dir: PathLike, inputs, out_dir: PathLike, threshold: Optional[float] = None, *,
                         batch_size: int = 16, progress: bool = True, csv_name: str = "predictions.csv"):
     """``memkd predict EXPORT_DIR``: score image files with an export (``memkd.deploy.Inferencer``) and
-    write the same ``<name>_heatmap.png`` figures and CSV as ``evaluation.predict_images`` does with
+    write the same ``<name>_heatmap.png`` figures and CSV as ``pipeline.predict_images`` does with
     a checkpoint (the output folder locked meanwhile). threshold: None takes the export's.
     Returns (csv path, rows, threshold used)."""
-    from memkd import reports
-    from memkd.evaluation import collect_images
+    from memkd.files import folder_lock
+    from memkd.pipeline import collect_images
 
     inferencer = deploy.Inferencer(export_dir)
     files = collect_images(inputs)  # before anything is written: a missing path fails here
     threshold = inferencer.threshold if threshold is None else float(threshold)
     if threshold is None:
         raise ExportError(f"{export_dir}: the export has no decision threshold (its checkpoint had none); pass --threshold")
-    with reports.folder_lock(out_dir):
+    with folder_lock(out_dir):
         csv_path, rows = _predict_files_with_export(inferencer, files, Path(out_dir), threshold, batch_size, progress, csv_name)
     return csv_path, rows, threshold
 
@@ -317,8 +317,8 @@ def _predict_files_with_export(inferencer, files, out_dir: Path, threshold: floa
                                csv_name: str):
     from tqdm import tqdm
 
-    from memkd.evaluation import prediction_row, write_prediction_figure, write_predictions_csv
     from memkd.images import ImageReadError, read_rgb, resized_pixels
+    from memkd.reports import prediction_row, write_prediction_figure, write_predictions_csv
 
     heatmap_range = inferencer.metadata.get("heatmap_range")
     rows: list[dict[str, Any]] = []

@@ -1,28 +1,32 @@
-"""Writing results: atomic JSON, Markdown, CSV and PNG files, metric tables and heatmap figures.
+"""Writing results: metric tables and Markdown reports, summaries over categories, the predictions
+CSV, and the heatmap figures (drawn by ``memkd.figures``) of a test set or a predicted image.
 
-Every writer renders into a temporary file beside its target and moves it into place with
-``os.replace``, so a reader (or a crash) never sees a half-written report.
-
-Heatmaps: an anomaly map is shown with the "jet" colour map over a fixed value range
-(``vmin``, ``vmax``) shared by all images of a category, so that colours compare across images;
-overlays blend it with the image at ``alpha`` 0.5. Every figure explains itself: a title with the
-image, its score, the threshold and the decision, and a colour bar saying what its scale is.
+What one evaluation writes in its folder: ``metrics.json``, ``metrics.md`` and ``figures/*.png``
+(image, ground truth and heatmap overlay side by side for a sample of test images); several
+categories add ``results.md`` and ``results.json``; ``memkd predict`` writes ``predictions.csv`` and
+``<name>_heatmap.png`` per image. Every file is written atomically (``memkd.files``).
 """
 from __future__ import annotations
 
 import csv
-import fcntl
 import io
-import json
 import math
-import os
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
+from tqdm import tqdm
 
-PathLike = Union[str, os.PathLike]
+from memkd.data import IMAGENET_MEAN, IMAGENET_STD
+from memkd.figures import denormalize, prediction_figure, sample_figure
+from memkd.files import PathLike, atomic_write, write_json, write_text
+from memkd.metrics import METRIC_NAMES
+
+METRICS_JSON = "metrics.json"
+METRICS_MD = "metrics.md"
+FIGURES_DIR = "figures"
+RESULTS_JSON = "results.json"
+RESULTS_MD = "results.md"
 
 # Column labels of the metric tables, in the order of memkd.metrics.METRIC_NAMES.
 METRIC_LABELS = {
@@ -34,92 +38,7 @@ METRIC_LABELS = {
 }
 
 
-# ---- output folders ---------------------------------------------------------------------------
-
-LOCK_FILE = ".memkd.lock"
-_held_locks: dict[str, list] = {}  # folder -> [open lock file, depth] of the locks this process holds
-
-
-class FolderBusyError(OSError):
-    """Another process is writing into the same output folder."""
-
-
-@contextmanager
-def folder_lock(directory: PathLike, option: str = "--out") -> Iterator[Path]:
-    """Hold ``directory``'s lock (``.memkd.lock``, created with the folder) while writing into it,
-    so that two memkd processes never write one folder at the same time: the second fails at once,
-    naming ``option``. Reentrant within a process (training, then evaluating into one run folder)."""
-    directory = Path(directory)
-    if directory.exists() and not directory.is_dir():
-        raise NotADirectoryError(f"{option}: {directory} is a file, not a folder")
-    directory.mkdir(parents=True, exist_ok=True)
-    key = os.path.realpath(directory)
-    if key in _held_locks:
-        _held_locks[key][1] += 1
-    else:
-        handle = open(directory / LOCK_FILE, "a")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.close()
-            raise FolderBusyError(
-                f"{option}: another memkd process is writing into {directory}; wait for it to finish or choose another folder"
-            ) from None
-        _held_locks[key] = [handle, 1]
-    try:
-        yield directory
-    finally:
-        _held_locks[key][1] -= 1
-        if _held_locks[key][1] == 0:
-            _held_locks.pop(key)[0].close()  # closing releases the lock
-
-
-# ---- atomic writers ---------------------------------------------------------------------------
-
-
-def atomic_write(path: PathLike, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp)`` for a temporary file beside ``path``, then move it onto ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
-def write_bytes(path: PathLike, data: bytes) -> Path:
-    return atomic_write(path, lambda tmp: tmp.write_bytes(data))
-
-
-def write_text(path: PathLike, text: str) -> Path:
-    return write_bytes(path, text.encode("utf-8"))
-
-
-def jsonable(value: Any) -> Any:
-    """``value`` with NaN/inf floats as None, numpy scalars and arrays as Python types, paths as str."""
-    if isinstance(value, Mapping):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return jsonable(value.tolist())
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, os.PathLike):
-        return str(value)
-    return value
-
-
-def write_json(path: PathLike, data: Any) -> Path:
-    """Strict JSON (NaN written as null), indented."""
-    return write_text(path, json.dumps(jsonable(data), indent=2, allow_nan=False) + "\n")
+# ---- file formats -------------------------------------------------------------------------------
 
 
 def write_csv(path: PathLike, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> Path:
@@ -199,215 +118,143 @@ def metrics_table(
     return "\n".join(lines) + "\n"
 
 
-# ---- images and heatmaps ------------------------------------------------------------------------
+# ---- one evaluation -----------------------------------------------------------------------------
 
 
-def denormalize(image, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-    """A normalised [3, H, W] tensor or array back to uint8 [H, W, 3]."""
-    pixels = np.asarray(image, dtype=np.float32).transpose(1, 2, 0)
-    pixels = pixels * np.asarray(std, np.float32) + np.asarray(mean, np.float32)
-    return (np.clip(pixels, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+def metrics_markdown(report: dict[str, Any]) -> str:
+    """The Markdown report of one category: the metric table (with the mean row), per-defect image
+    AUROC, the threshold and the figures."""
+    title = f"{report.get('dataset') or 'test'} / {report.get('category') or '-'}"
+    lines = [
+        f"# memkd test: {title}",
+        "",
+        f"Method `{report['method']}`, teacher `{report['backbone']}` (weights: {report['weights'] or 'random init'}), "
+        f"input {report['image_size'][0]}x{report['image_size'][1]}, evaluated at {report['eval_size']}; "
+        f"{report['images']} test images, {report['anomalous']} anomalous. Metrics in percent.",
+        "",
+        metrics_table([(report.get("category") or "test", report["metrics"])]),
+    ]
+    if report["per_defect"]:
+        lines += ["| defect | images | I-AUROC vs good |", "|---|---:|---:|"]
+        lines += [f"| {d} | {v['images']} | {format_percent(v['image_auroc'])} |" for d, v in report["per_defect"].items()]
+        lines.append("")
+    threshold = report["threshold"]
+    if threshold is not None:
+        stats = threshold["image_decisions"]
+        lines.append(
+            f"Decision threshold {threshold['value']:.6g} ({threshold['mode']}-level F1-max on the test set; "
+            f"{threshold['rule']}): image F1 {format_percent(stats['f1'])}, precision "
+            f"{format_percent(stats['precision'])}, recall {format_percent(stats['recall'])} "
+            f"(TP {stats['tp']}, FP {stats['fp']}, TN {stats['tn']}, FN {stats['fn']})."
+        )
+    for note in report.get("notes", []):
+        lines.append(f"\nNote: {note}")
+    if report["figures"]:
+        lines += ["", "## Heatmaps", ""] + [f"![{Path(p).stem}]({p})" for p in report["figures"]]
+    return "\n".join(lines) + "\n"
 
 
-def heatmap_range(maps: np.ndarray, scores: Optional[np.ndarray] = None) -> tuple[float, float]:
-    """A shared colour range for the maps of a category: from their 1st percentile to the highest
-    image score (the maximum of the maps)."""
-    maps = np.asarray(maps, dtype=np.float32)
-    low = float(np.percentile(maps[:: max(1, len(maps) // 64)], 1.0)) if maps.size else 0.0
-    high = float(np.max(scores)) if scores is not None and len(scores) else float(maps.max(initial=low))
-    if not high > low:
-        high = low + 1e-6
-    return low, high
+def pick_samples(defects: Sequence[str], count: int, seed: int = 0) -> list[int]:
+    """Up to ``count`` indices, taken round-robin over the defect types (normal images last) in a
+    seeded random order: every defect type is shown before any is shown twice."""
+    rng = np.random.default_rng(seed)
+    groups: dict[str, list[int]] = {}
+    for index, defect in enumerate(defects):
+        groups.setdefault(defect, []).append(index)
+    order = sorted(groups, key=lambda d: (d == "good", d))
+    queues = {d: list(rng.permutation(groups[d])) for d in order}
+    chosen: list[int] = []
+    while len(chosen) < count and any(queues.values()):
+        for defect in order:
+            if queues[defect] and len(chosen) < count:
+                chosen.append(int(queues[defect].pop(0)))
+    return chosen
 
 
-def colorize(amap: np.ndarray, vmin: float, vmax: float, cmap: str = "jet") -> np.ndarray:
-    """An [H, W] map as uint8 [H, W, 3] colours of ``cmap`` over [vmin, vmax]."""
-    import matplotlib
-
-    scaled = np.clip((np.asarray(amap, np.float32) - vmin) / max(vmax - vmin, 1e-12), 0.0, 1.0)
-    rgba = matplotlib.colormaps[cmap](scaled, bytes=True)
-    return rgba[..., :3]
-
-
-def resize_map(amap: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """An [h, w] float map resized bilinearly to (height, width)."""
-    from PIL import Image
-
-    amap = np.asarray(amap, np.float32)
-    if amap.shape == tuple(size):
-        return amap
-    return np.asarray(Image.fromarray(amap, mode="F").resize((size[1], size[0]), Image.BILINEAR), dtype=np.float32)
-
-
-def overlay(image: np.ndarray, amap: np.ndarray, vmin: float, vmax: float, alpha: float = 0.5) -> np.ndarray:
-    """The map's colours blended over a uint8 [H, W, 3] image (the map is resized to the image)."""
-    amap = resize_map(amap, image.shape[:2])
-    colours = colorize(amap, vmin, vmax).astype(np.float32)
-    return (alpha * colours + (1.0 - alpha) * image.astype(np.float32) + 0.5).astype(np.uint8)
-
-
-MIN_PICTURE_SIDE = 256  # pixels: smaller images are enlarged for figures
-THRESHOLD_COLOUR = "white"
-
-
-def enlarge(image: np.ndarray, min_side: int = MIN_PICTURE_SIDE) -> np.ndarray:
-    """A uint8 [H, W, 3] image enlarged by a whole factor (nearest neighbour, pixels stay visible)
-    until its shorter side is at least ``min_side``; larger images as they are."""
-    from PIL import Image
-
-    height, width = image.shape[:2]
-    factor = math.ceil(min_side / min(height, width))
-    if factor <= 1:
-        return image
-    return np.asarray(Image.fromarray(image).resize((width * factor, height * factor), Image.NEAREST))
-
-
-def decision_text(score: float, threshold: float) -> str:
-    """The decision with its rule spelt out: ``anomalous, score 1.2 > threshold 0.8`` (or ``normal``
-    with ``<=``)."""
-    if score > threshold:
-        return f"anomalous, score {score:.4g} > threshold {threshold:.4g}"
-    return f"normal, score {score:.4g} <= threshold {threshold:.4g}"
-
-
-def add_colour_bar(figure, axis, vrange: tuple[float, float], threshold: Optional[float], label: str, fontsize: int = 8):
-    """A colour bar beside ``axis`` for the heatmap colours over ``vrange``, with the threshold
-    marked (a white line, when it lies inside the range)."""
-    import matplotlib
-
-    norm = matplotlib.colors.Normalize(vmin=vrange[0], vmax=vrange[1])
-    bar = figure.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap="jet"), ax=axis, fraction=0.046, pad=0.03)
-    bar.ax.tick_params(labelsize=fontsize - 1)
-    if threshold is not None and vrange[0] < threshold < vrange[1]:
-        bar.ax.axhline(threshold, color=THRESHOLD_COLOUR, linewidth=2)
-        label += "; white line: threshold"
-    bar.set_label(label, fontsize=fontsize)
-    return bar
-
-
-def _outline(axis, amap: np.ndarray, threshold: Optional[float]) -> None:
-    """Outline where the map exceeds the threshold."""
-    if threshold is not None and amap.max() > threshold > amap.min():
-        axis.contour(amap, levels=[threshold], colors=THRESHOLD_COLOUR, linewidths=0.8)
-
-
-def _bare(axis) -> None:
-    axis.set_xticks([])
-    axis.set_yticks([])
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def prediction_figure(
-    image: np.ndarray, amap: np.ndarray, vrange: tuple[float, float], threshold: float, name: str, score: float,
-    scale_note: str,
-):
-    """What ``memkd predict`` draws for one image: the image and its heatmap overlay (where the map
-    exceeds the threshold outlined), enlarged to at least ``MIN_PICTURE_SIDE`` pixels, titled with
-    the name, score, threshold and decision, with a colour bar over ``vrange``; ``scale_note`` says
-    where the scale comes from."""
-    plt = _pyplot()
-    image = enlarge(image)
-    amap = resize_map(amap, image.shape[:2])
-    figure, axes = plt.subplots(1, 2, figsize=(9.0, 4.6), layout="constrained")
-    axes[0].imshow(image)
-    axes[0].set_title("image", fontsize=9)
-    axes[1].imshow(overlay(image, amap, *vrange))
-    _outline(axes[1], amap, threshold)
-    axes[1].set_title("anomaly map over the image (outline: above the threshold)", fontsize=9)
-    for axis in axes:
-        _bare(axis)
-    add_colour_bar(figure, axes[1], vrange, threshold, "anomaly map value (score = its maximum)")
-    figure.suptitle(f"{name}: {decision_text(score, threshold)}", fontsize=11, weight="bold")
-    figure.get_layout_engine().set(h_pad=0.1)
-    figure.supxlabel(scale_note, fontsize=8)
-    return figure
-
-
-def mask_image(mask: Optional[np.ndarray], shape: tuple[int, int]) -> np.ndarray:
-    """A binary mask as a white-on-black uint8 [H, W, 3] image (all black without a mask)."""
-    if mask is None:
-        return np.zeros((*shape, 3), np.uint8)
-    gray = (np.asarray(mask).reshape(shape) > 0).astype(np.uint8) * 255
-    return np.repeat(gray[..., None], 3, axis=2)
-
-
-def sample_figure(
-    image: np.ndarray,
-    mask: Optional[np.ndarray],
-    amap: np.ndarray,
+def write_figures(
+    dataset,
+    predictions,
+    indices: Sequence[int],
+    out_dir: Path,
     vrange: tuple[float, float],
-    title: str,
-    threshold: Optional[float] = None,
-):
-    """Image, ground truth and heatmap overlay side by side (a matplotlib figure), with a colour bar
-    over ``vrange``. With a ``threshold`` the overlay outlines where the map exceeds it."""
-    plt = _pyplot()
-    figure, axes = plt.subplots(1, 3, figsize=(10.4, 3.8), layout="constrained")
-    axes[0].imshow(image)
-    axes[0].set_title("image")
-    axes[1].imshow(mask_image(mask, image.shape[:2]))
-    axes[1].set_title("ground truth" if mask is not None else "ground truth (none)")
-    amap = resize_map(amap, image.shape[:2])
-    axes[2].imshow(overlay(image, amap, *vrange))
-    _outline(axes[2], amap, threshold)
-    axes[2].set_title("anomaly map")
-    for axis in axes:
-        _bare(axis)
-    add_colour_bar(figure, axes[2], vrange, threshold, "map value (scale fixed per model)")
-    figure.suptitle(title, fontsize=10)
-    return figure
+    threshold: Optional[float],
+    has_masks: bool = True,
+    progress: bool = True,
+) -> list[str]:
+    """One PNG per chosen test image (image | ground truth | heatmap overlay); relative paths."""
+    written = []
+    for rank, index in enumerate(tqdm(indices, desc="figures", unit="image", disable=not progress, leave=False)):
+        item = dataset[index]
+        image = denormalize(item["image"], IMAGENET_MEAN, IMAGENET_STD)
+        score = float(predictions.scores[index])
+        stem = Path(predictions.paths[index]).stem
+        defect = predictions.defects[index]
+        decision = "" if threshold is None else f", {'anomalous' if score > threshold else 'normal'} at threshold {threshold:.4g}"
+        title = f"{defect}/{stem}: score {score:.4g}{decision}"
+        figure = sample_figure(
+            image, predictions.masks[index] if has_masks else None, predictions.maps[index], vrange, title, threshold
+        )
+        name = f"{FIGURES_DIR}/{rank:02d}_{defect}_{stem}.png"
+        save_figure(figure, out_dir / name)
+        written.append(name)
+    return written
 
 
-def heatmap_grid(
-    rows: Sequence[Mapping[str, Any]],
-    columns: Sequence[str],
-    vranges: Mapping[str, tuple[float, float]],
-    thresholds: Mapping[str, Optional[float]],
-    title: str = "",
-):
-    """A grid figure: one row per sample with its image, ground truth and one heatmap overlay per
-    name in ``columns``, each with its colour bar and its decision. Each row is {"image": uint8
-    [H, W, 3], "mask": [H, W] or None, "maps": {name: [H, W]}, "label": str, "anomalous": bool
-    (the truth), "scores": {name: float}}; the colour range and threshold of a (group, name) pair
-    are ``vranges[row.get("group", "") + name]`` and ``thresholds[...]`` of the same key, falling
-    back to the key ``name``. A decision is green when it matches the truth, red when not."""
-    plt = _pyplot()
-    ncols = 2 + len(columns)
-    figure, axes = plt.subplots(
-        len(rows), ncols, figsize=(2.9 * ncols, 2.5 * len(rows) + 0.6), squeeze=False, layout="constrained"
+# ---- several categories -------------------------------------------------------------------------
+
+
+def write_summary(out_dir: PathLike, results: dict[str, dict[str, Any]], title: str) -> tuple[Path, Path]:
+    """results.md and results.json: one row per category (its metrics.json report) and the mean."""
+    out_dir = Path(out_dir)
+    rows = [(category, report["metrics"]) for category, report in results.items()]
+    thresholds = {c: r["threshold"]["value"] if r.get("threshold") else None for c, r in results.items()}
+    table = metrics_table(
+        rows, extra_columns=[("threshold", lambda c, _: "n/a" if thresholds[c] is None else f"{thresholds[c]:.4g}")]
     )
-    for r, row in enumerate(rows):
-        image = enlarge(row["image"])
-        axes[r, 0].imshow(image)
-        axes[r, 0].set_title(row.get("label", ""), fontsize=8)
-        axes[r, 1].imshow(mask_image(row.get("mask"), row["image"].shape[:2]))
-        axes[r, 1].set_title("ground truth", fontsize=8)
-        for c, name in enumerate(columns, start=2):
-            key = f"{row.get('group', '')}{name}"
-            vrange = vranges.get(key, vranges.get(name, (0.0, 1.0)))
-            threshold = thresholds.get(key, thresholds.get(name))
-            amap = resize_map(row["maps"][name], image.shape[:2])
-            axes[r, c].imshow(overlay(image, amap, *vrange))
-            _outline(axes[r, c], amap, threshold)
-            score = row.get("scores", {}).get(name)
-            if score is None or threshold is None:
-                caption, colour = name if score is None else f"{name}: score {score:.4g}", "black"
-            else:
-                decision, rule = decision_text(score, threshold).split(", ", 1)
-                caption = f"{name}: {decision}\n{rule}"
-                colour = "green" if (score > threshold) == bool(row.get("anomalous")) else "red"
-            axes[r, c].set_title(caption, fontsize=8, color=colour)
-            add_colour_bar(figure, axes[r, c], vrange, threshold, "map value", fontsize=7)
-        for axis in axes[r]:
-            _bare(axis)
-    if title:
-        figure.suptitle(title, fontsize=11)
-    return figure
+    text = f"# {title}\n\nMetrics in percent ({METRIC_DEFINITIONS}); the mean is over categories.\n\n{table}"
+    summary = {
+        "title": title,
+        "categories": {c: r["metrics"] for c, r in results.items()},
+        "mean": mean_metrics([m for _, m in rows], METRIC_NAMES),
+        "thresholds": thresholds,
+    }
+    return write_text(out_dir / RESULTS_MD, text), write_json(out_dir / RESULTS_JSON, summary)
+
+
+# ---- predicted images ---------------------------------------------------------------------------
+
+
+def write_prediction_figure(
+    path: Path, image: np.ndarray, amap: np.ndarray, score: float, threshold: float, name: str,
+    heatmap_range: Optional[Sequence[float]],
+) -> Path:
+    """The PNG of one predicted image (``memkd.figures.prediction_figure``): colours over the model's
+    ``heatmap_range`` (stored with the threshold by ``memkd test``), else over the map's own range,
+    which the figure then says."""
+    if heatmap_range:
+        vrange = (float(heatmap_range[0]), float(heatmap_range[1]))
+        note = (f"Colour scale {vrange[0]:.4g} to {vrange[1]:.4g}, fixed for this model (chosen by memkd test with "
+                "its threshold): colours compare across images; values outside it take its end colours.")
+    else:
+        vrange = (float(amap.min()), float(amap.max()) + 1e-6)
+        note = (f"Colour scale {vrange[0]:.4g} to {vrange[1]:.4g}: this image's own range, as the checkpoint stores "
+                "none (run memkd test to store one): colours do not compare across images.")
+    figure = prediction_figure(np.asarray(image), amap, vrange, threshold, name, score, note)
+    return save_figure(figure, path)
+
+
+PREDICTIONS_CSV_HEADER = ("path", "score", "decision", "threshold", "heatmap", "error")
+
+
+def prediction_row(path: PathLike, score: Optional[float], threshold: float, heatmap: str, error: str) -> dict[str, Any]:
+    """One row of predictions.csv: decision "anomalous" when score > threshold, "error" without a score."""
+    if score is None:
+        return {"path": str(path), "score": "", "decision": "error", "threshold": threshold, "heatmap": "", "error": error}
+    decision = "anomalous" if score > threshold else "normal"
+    return {"path": str(path), "score": score, "decision": decision, "threshold": threshold, "heatmap": heatmap, "error": ""}
+
+
+def write_predictions_csv(path: Path, rows: Sequence[dict[str, Any]]) -> Path:
+    """predictions.csv (``PREDICTIONS_CSV_HEADER``; scores to 8 significant digits), written atomically."""
+    header = PREDICTIONS_CSV_HEADER
+    return write_csv(path, header, ([r[k] if k != "score" or r[k] == "" else f"{r[k]:.8g}" for k in header] for r in rows))

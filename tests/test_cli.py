@@ -241,7 +241,7 @@ def test_predict_figure_explains_itself_at_a_readable_size(run_dir, tmp_path):
     """A 10x10 input gives a figure of at least 256 pixels per image panel, titled with the name, the
     decision, score and threshold, with a colour bar over the range stored by `memkd test`."""
     from memkd import reports
-    from memkd.evaluation import write_prediction_figure
+    from memkd.reports import write_prediction_figure
 
     tiny = tmp_path / "tiny.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (10, 10, 3), dtype=np.uint8)).save(tiny)

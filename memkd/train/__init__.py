@@ -8,18 +8,10 @@ from memkd.train.checkpoint import (
     save_checkpoint,
     update_checkpoint_extra,
 )
+from memkd.train.batches import ExemplarBatches, ExemplarFeatureCache, collate_images, image_of
+from memkd.train.config import RESUME_CHANGEABLE, TrainConfig, resume_changes
 from memkd.train.distributed import DistributedContext, init_distributed
-from memkd.train.trainer import (
-    RESUME_CHANGEABLE,
-    ExemplarBatches,
-    ExemplarFeatureCache,
-    TrainConfig,
-    Trainer,
-    collate_images,
-    image_of,
-    resume_changes,
-    train,
-)
+from memkd.train.trainer import Trainer, train
 
 __all__ = [
     "RESUME_CHANGEABLE",

@@ -21,6 +21,10 @@ without symlinks, or a checkpoint of an older memkd) is read as it is, and turne
 above by its next save. Epoch and step are recorded in each file, so a set mixed up by hand is
 detected on load.
 
+The module is over 400 lines because the atomic save protocol and the loader that relies on it
+(version directories, link switching, leftovers, torn-checkpoint checks) must agree step by step,
+and read best side by side.
+
 Testing hook: ``MEMKD_CHECKPOINT_KILL="<save>.<point>:<signal>"`` makes the process send itself
 ``<signal>`` (e.g. SIGKILL) at point ``<point>`` (1-based, ``SAVE_POINTS``) of its ``<save>``-th
 save, so that tests can interrupt a real run at every point of a save.

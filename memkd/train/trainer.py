@@ -13,12 +13,10 @@ with the optimizer and RNG states, so a resumed run continues exactly as an unin
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import random
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional, Union
 
@@ -27,13 +25,21 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
 from tqdm.auto import tqdm
 
 from memkd.data import default_workers
-from memkd.reports import folder_lock
+from memkd.files import folder_lock
 from memkd.models import MemKD, MemKDConfig, build_model
-from memkd.models.config import check_int, check_known_fields
+from memkd.train.batches import (
+    ExemplarBatches,
+    ExemplarFeatureCache,
+    IndexedItems,
+    UncachedExemplars,
+    collate_images,
+    collate_indexed_images,
+    image_of,
+)
 from memkd.train.checkpoint import (
     capture_rng_state,
     has_checkpoint,
@@ -43,157 +49,17 @@ from memkd.train.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
+from memkd.train.config import TrainConfig, resume_changes
 from memkd.train.distributed import DistributedContext, all_reduce_mean, init_distributed, sync_batchnorm
 
 LOG_FILE = "log.jsonl"
 TrainingData = Union[Dataset, DataLoader]
-# The train settings a resumed run may change: none alters the data order, the exemplar sets or
-# the recipe of the remaining steps (device, channels_last and compile can change rounding).
-RESUME_CHANGEABLE = (
-    "epochs", "save_every", "log_every", "workers", "device", "channels_last", "compile", "compile_backend",
-    "cache_exemplar_features", "progress",
-)
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """How to train. The defaults are the paper's recipe (Sec. 5.2) and RD4AD's optimiser.
-
-    batch_size: the global batch, split evenly over distributed processes. save_every: write the
-    checkpoint every this many epochs (and after the last). log_every: log the mean loss terms
-    over this many steps (each log synchronises with the device). workers: data loading processes
-    per loader (None: ``memkd.data.default_workers()``). device: None for cuda:LOCAL_RANK when
-    available, else the CPU. amp: bf16 autocast. channels_last: NHWC convolutions (GPUs).
-    compile: ``torch.compile`` the training step with ``compile_backend``. sync_batchnorm: global
-    batch statistics in distributed runs. cache_exemplar_features: keep NEL's teacher features of
-    each exemplar image after its first draw (exact: the teacher is frozen and exemplars are not
-    augmented), on the training device; it costs the features' size per distinct training image
-    (3.7 MB in fp32 for WideResNet50 at 256x256) and saves the exemplar set's teacher pass on later
-    steps. A Dataset is batched here; a DataLoader given instead is used as it is (its batch size
-    and order), and its dataset provides the exemplars.
-    """
-
-    epochs: int = 100
-    batch_size: int = 16
-    lr: float = 0.005
-    betas: tuple[float, float] = (0.5, 0.999)
-    seed: int = 0
-    save_every: int = 10
-    log_every: int = 10
-    workers: Optional[int] = None
-    device: Optional[str] = None
-    amp: bool = False
-    channels_last: bool = False
-    compile: bool = False
-    compile_backend: str = "inductor"
-    sync_batchnorm: bool = True
-    cache_exemplar_features: bool = True
-    progress: bool = True
-
-    def __post_init__(self):
-        for name in ("epochs", "batch_size", "save_every", "log_every"):
-            check_int(name, getattr(self, name), minimum=1)
-        check_int("seed", self.seed, minimum=0)
-        if self.workers is not None:
-            check_int("workers", self.workers, minimum=0)
-        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr: expected a finite number > 0, got {self.lr!r}")
-        betas = tuple(self.betas)
-        if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
-            raise ValueError(f"betas: expected two numbers in [0, 1), got {self.betas!r}")
-        object.__setattr__(self, "betas", tuple(float(b) for b in betas))
-
-    def to_dict(self) -> dict[str, Any]:
-        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        return {name: list(v) if isinstance(v, tuple) else v for name, v in values.items()}
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "TrainConfig":
-        check_known_fields(cls, data, "train config")
-        return cls(**data)
-
-
-def resume_changes(stored: TrainConfig, requested: TrainConfig, epoch: int) -> dict[str, tuple[Any, Any]]:
-    """The settings in which ``requested`` differs from the ``stored`` config of a run at ``epoch``,
-    as {name: (stored, requested)}; raises ValueError when one may not change on resume (see
-    ``RESUME_CHANGEABLE``) or fewer epochs than done are asked for."""
-    changes = {
-        f.name: (getattr(stored, f.name), getattr(requested, f.name))
-        for f in dataclasses.fields(TrainConfig)
-        if getattr(stored, f.name) != getattr(requested, f.name)
-    }
-    fixed = {name: change for name, change in changes.items() if name not in RESUME_CHANGEABLE}
-    if fixed:
-        listed = ", ".join(f"{name} {old!r} (got {new!r})" for name, (old, new) in fixed.items())
-        raise ValueError(
-            f"train_config: a resumed run keeps its {listed}, or it would not continue the same training; "
-            "train into a new run directory to change them"
-        )
-    if requested.epochs < epoch:
-        raise ValueError(f"epochs: the run has already trained {epoch} epochs, got {requested.epochs}")
-    return changes
-
-
-def image_of(item: Any) -> torch.Tensor:
-    """The image tensor of a dataset item or a collated batch: a tensor, a dict with "image", or an
-    (image, ...) tuple."""
-    if isinstance(item, torch.Tensor):
-        return item
-    if isinstance(item, Mapping) and isinstance(item.get("image"), torch.Tensor):
-        return item["image"]
-    if isinstance(item, (tuple, list)) and item and isinstance(item[0], torch.Tensor):
-        return item[0]
-    raise TypeError(
-        "training data: expected image tensors, dicts with an 'image' tensor or (image, ...) tuples, "
-        f"got {type(item).__name__}"
-    )
-
-
-def collate_images(items: list[Any]) -> torch.Tensor:
-    """Stack the images of dataset items into a batch, dropping everything else (labels, paths)."""
-    return torch.stack([image_of(item) for item in items])
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-class ExemplarBatches(Sampler[list[int]]):
-    """The exemplar set of every step from ``start_step`` on, as dataset indices for this rank.
-
-    Step s draws ``per_rank * world_size`` distinct indices (with replacement only when the dataset
-    is smaller) from a generator seeded by (seed, s), the same on every rank, and rank r takes the
-    r-th slice: the ranks together hold one exemplar set of N images, as a single process would
-    (N is rounded up to a multiple of the process count). Stateless per step, so resuming at step s
-    continues the same sequence.
-    """
-
-    def __init__(
-        self, dataset_size: int, exemplars: int, seed: int, rank: int = 0, world_size: int = 1, start_step: int = 0
-    ):
-        if dataset_size < 1:
-            raise ValueError("training data: the dataset is empty; exemplars cannot be drawn")
-        self.dataset_size, self.seed, self.rank, self.world_size = dataset_size, seed, rank, world_size
-        self.per_rank = math.ceil(exemplars / world_size)
-        self.start_step = start_step
-
-    def indices(self, step: int) -> list[int]:
-        total = self.per_rank * self.world_size
-        seed = int(np.random.SeedSequence([self.seed, step]).generate_state(1, np.uint64)[0]) >> 1
-        generator = torch.Generator().manual_seed(seed)
-        if self.dataset_size >= total:
-            chosen = torch.randperm(self.dataset_size, generator=generator)[:total]
-        else:
-            chosen = torch.randint(self.dataset_size, (total,), generator=generator)
-        return chosen[self.rank * self.per_rank : (self.rank + 1) * self.per_rank].tolist()
-
-    def __iter__(self) -> Iterator[list[int]]:
-        step = self.start_step
-        while True:
-            yield self.indices(step)
-            step += 1
 
 
 class TrainingStep(nn.Module):
@@ -210,76 +76,6 @@ class TrainingStep(nn.Module):
         exemplar_features: Optional[Mapping[str, torch.Tensor]] = None,
     ) -> dict[str, torch.Tensor]:
         return self.model.loss(images, exemplars, exemplar_features)
-
-
-class ExemplarFeatureCache:
-    """NEL's teacher features (``MemKD.exemplar_features``) of exemplar images by dataset index.
-
-    An image's features never change (frozen teacher, no augmentation), so each is computed once, on
-    its first draw. Images are encoded one at a time so that an image's cached features do not depend
-    on which other images were drawn with it: a resumed or distributed run caches the same values.
-    """
-
-    def __init__(self, model: MemKD):
-        self.model = model
-        self.entries: dict[int, dict[str, torch.Tensor]] = {}
-
-    def __len__(self) -> int:
-        return len(self.entries)
-
-    def missing(self, indices: list[int]) -> list[int]:
-        """The indices, in order and without repeats, whose features are not cached yet."""
-        return [index for index in dict.fromkeys(indices) if index not in self.entries]
-
-    def add(self, indices: list[int], images: torch.Tensor) -> None:
-        """Encode and keep the features of those ``images`` [N, 3, H, W] (dataset items ``indices``)
-        that are not cached yet."""
-        if len(indices) != images.shape[0]:
-            raise ValueError(f"indices: expected one per exemplar image ({images.shape[0]}), got {len(indices)}")
-        for row, index in enumerate(indices):
-            if index not in self.entries:
-                encoded = self.model.exemplar_features(images[row : row + 1])
-                self.entries[index] = {key: f[0] for key, f in encoded.items()}
-
-    def features(self, indices: list[int], images: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
-        """The features of the dataset items ``indices`` by memory key, after adding ``images`` (the
-        items ``indices``, when given)."""
-        if images is not None:
-            self.add(indices, images)
-        uncached = self.missing(indices)
-        if uncached:
-            raise KeyError(f"indices: no cached features for dataset items {uncached}; pass their images")
-        return {key: torch.stack([self.entries[index][key] for index in indices]) for key in self.model.memories}
-
-
-class UncachedExemplars(Sampler[list[int]]):
-    """Each step's exemplar indices that ``cache`` still lacks (possibly none): what the exemplar
-    loader must read. Drawn ahead of use by a prefetching loader, a list may hold an index cached
-    meanwhile; the cache then keeps its first features."""
-
-    def __init__(self, batches: ExemplarBatches, cache: ExemplarFeatureCache):
-        self.batches, self.cache = batches, cache
-
-    def __iter__(self) -> Iterator[list[int]]:
-        return (self.cache.missing(indices) for indices in self.batches)
-
-
-class IndexedItems(Dataset):
-    """``dataset`` with each item returned as (index, item), so that a loaded batch says which items it holds."""
-
-    def __init__(self, dataset: Dataset):
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> tuple[int, Any]:
-        return index, self.dataset[index]
-
-
-def collate_indexed_images(items: list[tuple[int, Any]]) -> tuple[list[int], Optional[torch.Tensor]]:
-    """(indices, stacked images) of ``IndexedItems`` items; None for the images of an empty batch."""
-    return [index for index, _ in items], collate_images([item for _, item in items]) if items else None
 
 
 class LossMeter:

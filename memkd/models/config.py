@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import InitVar, dataclass
 from typing import Any, Mapping, Optional, Sequence, Union
 
 from memkd.data import IMAGENET_MEAN, IMAGENET_STD
@@ -49,7 +49,12 @@ class MemKDConfig:
     nm_weight, orth_weight: lambda_1, lambda_2 of Eq. 11.
     kd_mode: "flat" (whole-map cosine, the paper) or "pixel" (``losses.kd_loss``).
     nm_reduction: "sum" (Eq. 10 literally) or "mean" (``losses.normality_memorization_loss``).
-    mean, std: the normalisation inputs must already have (the model does not apply it).
+
+    Inputs are normalised with ImageNet's statistics, ``memkd.data.IMAGENET_MEAN`` and
+    ``IMAGENET_STD`` (every teacher is an ImageNet-trained torchvision network); the model does not
+    apply it. That is no setting: ``mean`` and ``std`` read those constants, and as arguments (from
+    checkpoints of earlier versions, whose config.json stores them) they are accepted only equal to
+    them; ``to_dict`` records them for readers of config.json.
     """
 
     method: str = "memkd"
@@ -63,10 +68,10 @@ class MemKDConfig:
     orth_weight: float = 0.1
     kd_mode: str = "flat"
     nm_reduction: str = "sum"
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
+    mean: InitVar[Optional[Sequence[float]]] = None  # not fields: see the class doc (and the end of this module)
+    std: InitVar[Optional[Sequence[float]]] = None
 
-    def __post_init__(self):
+    def __post_init__(self, mean: Optional[Sequence[float]], std: Optional[Sequence[float]]):
         if self.method not in METHODS:
             raise ValueError(f"method: unknown method {self.method!r}; expected one of {sorted(METHODS)}")
         backbone_spec(self.backbone)
@@ -84,8 +89,8 @@ class MemKDConfig:
             raise ValueError(f"kd_mode: expected one of {KD_MODES}, got {self.kd_mode!r}")
         if self.nm_reduction not in NM_REDUCTIONS:
             raise ValueError(f"nm_reduction: expected one of {NM_REDUCTIONS}, got {self.nm_reduction!r}")
-        self._normalise("mean", _triple("mean", self.mean, positive=False))
-        self._normalise("std", _triple("std", self.std, positive=True))
+        _check_imagenet("mean", mean, IMAGENET_MEAN, positive=False)
+        _check_imagenet("std", std, IMAGENET_STD, positive=True)
 
     def _normalise(self, name: str, value: Any) -> None:
         object.__setattr__(self, name, value)  # frozen dataclass: fix up fields once, while validating
@@ -140,13 +145,21 @@ class MemKDConfig:
         return dict(zip(self.memory_stages, self.memory_items))
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON types only (tuples become lists)."""
-        return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        """Plain JSON types only (tuples become lists), with the input normalisation recorded."""
+        values = {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        return {**values, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "MemKDConfig":
-        check_known_fields(cls, data, "config")
+        check_known_fields(cls, {k: v for k, v in data.items() if k not in NORMALISATION}, "config")
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+
+# The input normalisation, read-only: the class attributes the dataclass left for the two InitVars
+# become properties (defined in the class body, they would be taken for the arguments' defaults).
+NORMALISATION = ("mean", "std")
+MemKDConfig.mean = property(lambda self: IMAGENET_MEAN, doc="ImageNet's mean per RGB channel (memkd.data.IMAGENET_MEAN).")
+MemKDConfig.std = property(lambda self: IMAGENET_STD, doc="ImageNet's std per RGB channel (memkd.data.IMAGENET_STD).")
 
 
 def _jsonable(value: Any) -> Any:
@@ -176,6 +189,18 @@ def _image_size(size: Any) -> tuple[int, int]:
             f"input), got {size!r}"
         )
     return hw
+
+
+def _check_imagenet(name: str, value: Any, expected: tuple[float, float, float], positive: bool) -> None:
+    """A ``mean``/``std`` argument must be None or ImageNet's (``expected``)."""
+    if value is None:
+        return
+    given = _triple(name, value, positive)
+    if not all(math.isclose(a, b, rel_tol=1e-6) for a, b in zip(given, expected)):
+        raise ValueError(
+            f"{name}: memkd models take inputs normalised with ImageNet's statistics ({name} {list(expected)}), "
+            f"got {list(given)}"
+        )
 
 
 def _triple(name: str, value: Any, positive: bool) -> tuple[float, float, float]:

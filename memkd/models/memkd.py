@@ -29,7 +29,7 @@ def check_images(images: torch.Tensor, name: str = "images") -> None:
 class MemKD(nn.Module):
     """Teacher-student anomaly detector; ``config.method`` picks the variant (``config.METHODS``).
 
-    Inputs are image batches [B, 3, H, W], normalised with ``config.mean``/``config.std``, H and W
+    Inputs are image batches [B, 3, H, W], normalised with ImageNet's mean and std (``memkd.data``), H and W
     multiples of 32. Only ``student`` (bottleneck, decoder or trunk, memories) is trained.
     """
 

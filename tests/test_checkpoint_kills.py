@@ -56,7 +56,9 @@ def reference(data_root, tmp_path_factory):
 def train_process(data_root: Path, out: Path, kill_plan: str = "") -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", KILL_VARIABLE: kill_plan}
     command = [sys.executable, "-m", "memkd", "train", "--data-root", str(data_root), "--out", str(out), *SETTINGS]
-    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    # cwd outside the checkout: `-m` puts the working directory first on sys.path, and the checkout's
+    # memkd/ (no compiled modules unless installed editable) would run instead of the tested install.
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=out.parent)
 
 
 def tensors(run: Path) -> dict[str, torch.Tensor]:

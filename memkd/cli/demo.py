@@ -8,7 +8,7 @@ from pathlib import Path
 from memkd.devices import resolve_device
 
 # How long the whole demo takes, as measured (the README says the same).
-DURATION = "3.5 to 10.4 min on a 2-core CPU (measured on a 2-core AMD EPYC: 3.5 min with one other job on its cores, 10.4 min with more)"
+DURATION = "about 1 min on an idle 2-core CPU (1.0 min measured on a 2-core AMD EPYC; several times that when other jobs share its cores)"
 DESCRIPTION = (
     "Build a small MVTec-layout dataset from scikit-image's texture photographs (brick, grass, gravel) with "
     "synthetic defects (pasted patches, scratches, stains; exact masks), train MemKD and the RD baseline with a "

@@ -13,7 +13,7 @@ DESCRIPTION = (
     "Build a small MVTec-layout dataset from scikit-image's texture photographs (brick, grass, gravel) with "
     "synthetic defects (pasted patches, scratches, stains; exact masks), train MemKD and the RD baseline with a "
     f"ResNet-18 teacher, evaluate both and write OUT/report.md and OUT/heatmaps.png. Takes {DURATION}; "
-    "--quick is a one-minute smoke version. Uses ImageNet weights when they are cached or can be "
+    "--quick is a smoke version of about 10 s. Uses ImageNet weights when they are cached or can be "
     "downloaded, else a random teacher (and says what that costs)."
 )
 

@@ -297,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=DEMO_DESCRIPTION,
     )
     demo.add_argument("--out", type=Path, default=Path("memkd-demo"), help="output folder (new, empty, or an earlier demo's)")
-    demo.add_argument("--quick", action="store_true", help="tiny smoke version (one texture, 64x64, one epoch; ~1 min)")
+    demo.add_argument("--quick", action="store_true", help="tiny smoke version (one texture, 64x64, one epoch; about 10 s)")
     demo.add_argument(
         "--weights", default="auto", help="teacher weights: auto (ImageNet when cached or downloadable, else random), imagenet, none, or a file"
     )

@@ -9,6 +9,11 @@ Evaluation size (``eval_size``): "input" (default) compares the maps at the mode
 (256x256 with the paper's settings) with the masks resized to it, as RD4AD and the paper do;
 "native" resizes the maps to each mask's own resolution; an int N compares both at NxN.
 
+Tiled models (``MemKDConfig.tile_stride``, ``memkd.tiling``) read the test images at full
+resolution and score them one at a time with ``tiled_predict`` (the tiles batched inside), so their
+maps are at each image's own resolution: "input" and "native" are then the same, the native masks
+(the default), and an int N resizes maps and masks to NxN; the metrics are the same definitions.
+
 Decision threshold: an image is anomalous when its score (the maximum of its map) is **strictly
 greater** than the threshold. ``threshold_mode="image"`` (default) takes the threshold of maximal
 image-level F1 over the test images' scores; ``"pixel"`` the threshold of maximal pixel-level F1
@@ -50,6 +55,7 @@ from memkd.metrics import (
     resize_maps_to_masks,
 )
 from memkd.models import CompiledPredictor, MemKD, MemKDConfig
+from memkd.tiling import predict_full_resolution
 
 PathLike = Union[str, Path]
 # images [B, 3, H, W] -> (maps [B, H, W], scores [B]), as MemKD.predict
@@ -73,13 +79,17 @@ def parse_eval_size(value: Any) -> EvalSize:
 
 
 def needs_native_masks(config: MemKDConfig, eval_size: EvalSize) -> bool:
+    if config.tiled:  # the masks are native already
+        return False
     return eval_size == "native" or (isinstance(eval_size, int) and (eval_size, eval_size) != config.image_size)
 
 
 def build_test_dataset(dataset: str, data_root: PathLike, category: Optional[str], config: MemKDConfig, eval_size: EvalSize = "input"):
-    """The test split at the model's input size (with native masks when ``eval_size`` needs them)."""
+    """The test split at the model's input size (with native masks when ``eval_size`` needs them),
+    or at full resolution for a tiled model."""
     return build_dataset(
-        dataset, data_root, category, "test", image_size=config.image_size, native_masks=needs_native_masks(config, eval_size)
+        dataset, data_root, category, "test", image_size=config.image_size,
+        native_masks=needs_native_masks(config, eval_size), full_resolution=config.tiled,
     )
 
 
@@ -120,11 +130,18 @@ def predict_dataset(
     through a ``CompiledPredictor`` (its one-off compile time is included in ``seconds``);
     ``predictor``: through this instead of ``model.predict`` (e.g. ``memkd.compiled_cache``)."""
     predict = predictor or (CompiledPredictor(model) if compile else model.predict)
-    loader = make_loader(dataset, batch_size=batch_size, shuffle=False, workers=workers)
+    tiled = model.config.tiled
+    loader = make_loader(dataset, batch_size=1 if tiled else batch_size, shuffle=False, workers=workers)
     scores, labels, maps, masks, paths, defects, native = [], [], [], [], [], [], []
     started = time.perf_counter()
     for batch in _progress(loader, len(loader), desc, progress):
-        batch_maps, batch_scores = predict(batch["image"])
+        if tiled:  # one full-resolution image, its tiles batch_size at a time
+            image_map, score = predict_full_resolution(
+                model, batch["image"][0], predictor=predict, tile_batch=batch_size, name=batch["path"][0]
+            )
+            batch_maps, batch_scores = image_map[None], score[None]
+        else:
+            batch_maps, batch_scores = predict(batch["image"])
         maps.append(batch_maps.float().cpu().numpy())
         scores.append(batch_scores.float().cpu().numpy())
         labels.append(np.asarray(batch["label"]))
@@ -137,13 +154,21 @@ def predict_dataset(
     return Predictions(
         scores=np.concatenate(scores),
         labels=np.concatenate(labels).astype(np.int64),
-        maps=np.concatenate(maps),
-        masks=np.concatenate(masks).astype(np.uint8),
+        maps=_stack(maps),
+        masks=_stack([m.astype(np.uint8) for m in masks]),
         paths=paths,
         defects=defects,
         native_masks=native or None,
         seconds=seconds,
     )
+
+
+def _stack(batches: list[np.ndarray]):
+    """Batches [b, H, W] as one [N, H, W] array, or a list of [H_i, W_i] arrays when the sizes
+    differ (a tiled model's native-resolution maps and masks)."""
+    if len({b.shape[1:] for b in batches}) <= 1:
+        return np.concatenate(batches)
+    return [image for b in batches for image in b]
 
 
 def inference_path(compile: bool, predictor: Optional[Predictor]) -> str:
@@ -155,6 +180,12 @@ def inference_path(compile: bool, predictor: Optional[Predictor]) -> str:
 
 def evaluation_maps(predictions: Predictions, config: MemKDConfig, eval_size: EvalSize):
     """(maps, masks) compared by the pixel metrics at ``eval_size`` (see the module doc)."""
+    if config.tiled:  # maps and masks at each image's own resolution
+        if not isinstance(eval_size, int):
+            return predictions.maps, predictions.masks
+        size = (eval_size, eval_size)
+        masks = np.stack([mask_to_tensor(np.asarray(m).astype(bool), size)[0].numpy() for m in predictions.masks])
+        return np.concatenate([resize_maps(np.asarray(m)[None], size) for m in predictions.maps]), masks
     if not needs_native_masks(config, eval_size):
         return predictions.maps, predictions.masks
     if predictions.native_masks is None:
@@ -279,6 +310,11 @@ def evaluate_model(
         raise ValueError(f"threshold_mode: expected one of {THRESHOLD_MODES}, got {threshold_mode!r}")
     if tuple(test_set.image_size) != config.image_size:
         raise ValueError(f"test set: images are {test_set.image_size}, the model takes {config.image_size}")
+    if bool(getattr(test_set, "full_resolution", False)) != config.tiled:
+        raise ValueError("test set: a tiled model takes full-resolution images and an untiled one resized images; "
+                         "build it with build_test_dataset")
+    if config.tiled and eval_size == "input":
+        eval_size = "native"  # a tiled model's input is the full-resolution image
     with folder_lock(out_dir):
         return _evaluate(
             model, test_set, Path(out_dir), dataset, category, eval_size, threshold_mode, figures, batch_size, workers,
@@ -304,7 +340,10 @@ def _evaluate(
     threshold = choose_threshold(predictions.scores, predictions.labels, maps, masks, threshold_mode)
     if threshold is None:
         notes.append(f"no decision threshold: {threshold_mode} F1-max is undefined on this test set")
-    vrange = heatmap_range(predictions.maps, predictions.scores)
+    maps_for_range = predictions.maps
+    if isinstance(maps_for_range, list):  # native sizes: the pixels of every map, subsampled
+        maps_for_range = np.concatenate([m.ravel()[:: max(1, m.size // 65536)] for m in maps_for_range])[None]
+    vrange = heatmap_range(maps_for_range, predictions.scores)
     samples = reports.pick_samples(predictions.defects, figures, seed)
     figure_paths = reports.write_figures(
         test_set, predictions, samples, out_dir, vrange, threshold and threshold["value"], has_masks, progress
@@ -317,6 +356,8 @@ def _evaluate(
         "backbone": config.backbone,
         "weights": config.weights,
         "image_size": list(config.image_size),
+        **({"tiling": {"tile": list(config.image_size), "stride": list(config.tile_stride), "blend": config.tile_blend}}
+           if config.tiled else {}),
         "eval_size": eval_size,
         "images": n,
         "anomalous": int(predictions.labels.sum()),

@@ -42,7 +42,7 @@ from torch import nn
 
 import memkd
 from memkd import deploy
-from memkd.models import MemKD
+from memkd.models import MemKD, MemKDConfig
 from memkd.ops import reference
 
 PathLike = Union[str, os.PathLike]
@@ -209,6 +209,17 @@ def threshold_metadata(extra: Optional[Mapping[str, Any]]) -> dict[str, Any]:
     }
 
 
+def refuse_tiled(config: MemKDConfig, where: Optional[PathLike] = None) -> None:
+    """Tiled models (``MemKDConfig.tile_stride``) cannot be exported yet: an export takes one
+    image_size input, while a tiled model stitches many tiles of an image of any size."""
+    if config.tiled:
+        source = f"{where} holds a tiled model" if where is not None else "the model is tiled"
+        raise ExportError(
+            f"run_dir: {source} (tile_stride {list(config.tile_stride)}); tiled models cannot be exported yet, "
+            "score with `memkd predict CHECKPOINT` instead"
+        )
+
+
 def export_model(model: MemKD, out: PathLike, fmt: str, *, input_kind: str = "raw",
                  extra: Optional[Mapping[str, Any]] = None, checkpoint: Optional[Mapping[str, Any]] = None) -> Path:
     """Export ``model`` to the directory ``out`` in format ``fmt`` (``FORMATS``) and return it.
@@ -217,6 +228,7 @@ def export_model(model: MemKD, out: PathLike, fmt: str, *, input_kind: str = "ra
     The export is written to a temporary directory beside ``out`` and moved into place; an
     existing export at ``out`` is replaced, any other existing non-empty ``out`` is refused.
     """
+    refuse_tiled(model.config)
     require_modules(fmt)
     if input_kind not in INPUT_KINDS:
         raise ExportError(f"input: expected one of {', '.join(INPUT_KINDS)}, got {input_kind!r}")
@@ -279,15 +291,16 @@ def _move_into_place(staging: Path, out: Path) -> None:
 def export_run(run_dir: PathLike, fmt: str, out: PathLike, *, input_kind: str = "raw") -> Path:
     """``memkd export``: export the checkpoint in ``run_dir`` (a directory or a file in it) with its
     stored threshold; returns the export directory."""
-    from memkd.train import load_checkpoint
+    from memkd.train import load_checkpoint, read_header
     from memkd.train.checkpoint import CONFIG_FILE, checkpoint_directory
 
-    require_modules(fmt)
     directory = checkpoint_directory(run_dir)
     if not directory.exists():
         raise FileNotFoundError(f"run_dir: no such file or directory: {directory}")
     if not (directory / CONFIG_FILE).is_file():
         raise ExportError(f"run_dir: {directory} holds no memkd checkpoint (no {CONFIG_FILE}); pass the directory `memkd train --out` wrote")
+    refuse_tiled(MemKDConfig.from_dict(read_header(directory)["config"]), directory)
+    require_modules(fmt)
     checkpoint = load_checkpoint(directory, device="cpu")
     facts = {"directory": str(directory.resolve()), "epoch": checkpoint.epoch, "step": checkpoint.step,
              "memkd_version": checkpoint.memkd_version}

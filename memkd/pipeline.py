@@ -22,7 +22,8 @@ from tqdm import tqdm
 from memkd import reports
 from memkd.data import build_dataset
 from memkd.data.layouts import IMAGE_EXTENSIONS
-from memkd.data.transforms import image_to_tensor, read_image
+from memkd.data.tiles import TileCrops
+from memkd.data.transforms import full_resolution_tensor, image_to_tensor, read_image
 from memkd.evaluation import (
     DECISION_RULE,
     EvalSize,
@@ -35,6 +36,7 @@ from memkd.evaluation import (
 )
 from memkd.files import folder_lock
 from memkd.models import CompiledPredictor, MemKD, MemKDConfig
+from memkd.tiling import predict_full_resolution
 from memkd.train import Trainer, read_header, update_checkpoint_extra
 
 # ---- thresholds in checkpoints ------------------------------------------------------------------
@@ -78,6 +80,13 @@ def store_tested_threshold(checkpoint_dir: Path, extra: dict[str, Any], dataset:
 # ---- training a category ------------------------------------------------------------------------
 
 
+def build_train_dataset(dataset: str, data_root: PathLike, category: Optional[str], config: MemKDConfig, seed: int = 0):
+    """The training split as the model takes it: resized to ``config.image_size``, or for a tiled
+    model one seeded random tile of each full-resolution image per epoch (``TileCrops``)."""
+    train_set = build_dataset(dataset, data_root, category, "train", image_size=config.image_size)
+    return TileCrops.of(train_set, seed) if config.tiled else train_set
+
+
 def train_category(
     dataset: str,
     data_root: PathLike,
@@ -99,7 +108,7 @@ def train_category(
     config = model_config
     if config is None:
         config = MemKDConfig.from_dict(read_header(run_dir)["config"])
-    train_set = build_dataset(dataset, data_root, category, "train", image_size=config.image_size)
+    train_set = build_train_dataset(dataset, data_root, category, config, train_config.seed)
     test_set = build_test_dataset(dataset, data_root, category, config, parse_eval_size(eval_size))
     provenance = {"dataset": dataset, "category": category, "data_root": str(Path(data_root).resolve())}
     started = time.perf_counter()
@@ -161,6 +170,7 @@ class ImageFiles(Dataset):
     def __init__(self, paths: Sequence[Path], config: MemKDConfig):
         self.paths = list(paths)
         self.size = config.image_size
+        self.full_resolution = config.tiled  # a tiled model's input: the image as it is
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -170,12 +180,14 @@ class ImageFiles(Dataset):
             image = read_image(self.paths[index])
         except ValueError as error:  # DatasetError
             return {"image": torch.zeros(3, *self.size), "original": None, "error": str(error)}
-        return {"image": image_to_tensor(image, self.size), "original": np.asarray(image), "error": ""}
+        tensor = full_resolution_tensor(image) if self.full_resolution else image_to_tensor(image, self.size)
+        return {"image": tensor, "original": np.asarray(image), "error": ""}
 
 
 def _collate_files(items: list[dict[str, Any]]) -> dict[str, Any]:
+    images = [item["image"] for item in items]
     return {
-        "image": torch.stack([item["image"] for item in items]),
+        "image": torch.stack(images) if len({i.shape for i in images}) == 1 else images,
         "original": [item["original"] for item in items],
         "error": [item["error"] for item in items],
     }
@@ -203,17 +215,37 @@ def predict_images(
         return _predict_files(model, files, Path(out_dir), threshold, heatmap_range, batch_size, workers, progress, csv_name, compile, predictor)
 
 
+def _predict_tiled(model, predict, batch, tile_batch: int, path) -> tuple[list, list]:
+    """([map], [score]) of a batch of one full-resolution image (``memkd.tiling``); an image smaller
+    than the tile becomes an "error" row, as an unreadable one does."""
+    if batch["error"][0]:
+        return [None], [float("nan")]
+    try:
+        amap, score = predict_full_resolution(model, batch["image"][0], predictor=predict, tile_batch=tile_batch, name=str(path))
+    except ValueError as error:
+        if "smaller than the model's tile" not in str(error):
+            raise
+        batch["error"][0] = str(error)
+        return [None], [float("nan")]
+    return [amap.float().cpu().numpy()], [float(score)]
+
+
 def _predict_files(
     model, files, out_dir, threshold, heatmap_range, batch_size, workers, progress, csv_name, compile, predictor
 ) -> tuple[Path, list[dict[str, Any]]]:
     predict = predictor or (CompiledPredictor(model) if compile else model.predict)
     dataset = ImageFiles([path for path, _ in files], model.config)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers or 0, collate_fn=_collate_files)
+    tiled = model.config.tiled  # one full-resolution image at a time, its tiles batch_size at a time
+    loader = DataLoader(dataset, batch_size=1 if tiled else batch_size, shuffle=False, num_workers=workers or 0,
+                        collate_fn=_collate_files)
     rows: list[dict[str, Any]] = []
     bar = tqdm(total=len(files), desc="predict", unit="image", disable=not progress)
     for batch in loader:
-        maps, scores = predict(batch["image"])
-        maps, scores = maps.float().cpu().numpy(), scores.float().cpu().numpy()
+        if tiled:
+            maps, scores = _predict_tiled(model, predict, batch, batch_size, files[len(rows)][0])
+        else:
+            maps, scores = predict(batch["image"])
+            maps, scores = maps.float().cpu().numpy(), scores.float().cpu().numpy()
         for amap, score, original, error in zip(maps, scores, batch["original"], batch["error"]):
             path, name = files[len(rows)]
             if error:

@@ -342,3 +342,31 @@ def tiled_predict(
         if sigma > 0:
             stitched = gaussian_blur_strips(stitched, sigma)
         return stitched, stitched.flatten(1).amax(dim=1)
+
+
+def predict_full_resolution(
+    model: MemKD,
+    image: torch.Tensor,
+    *,
+    predictor: Optional[Predict] = None,
+    tile_batch: int = DEFAULT_TILE_BATCH,
+    name: str = "",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The anomaly map [H, W] and score (0-d) of one normalised full-resolution image [3, H, W]
+    with the tiling stored in a tiled model's config (tile ``image_size``, ``tile_stride``,
+    ``tile_blend``), through ``predictor`` (a callable like ``MemKD.predict``; default the
+    model's). An image smaller than the tile is refused in one line naming ``name`` (its file)."""
+    config = model.config
+    if not config.tiled:
+        raise ValueError("model: not a tiled model (its config has no tile_stride)")
+    th, tw = config.image_size
+    if image.dim() != 3 or image.shape[-2] < th or image.shape[-1] < tw:
+        where = f"image {name}" if name else "image"
+        raise ValueError(
+            f"{where}: {tuple(image.shape)} is smaller than the model's tile {th}x{tw} (or not [3, H, W]); "
+            "tiled models need images at least the tile"
+        )
+    maps, scores = tiled_predict(
+        predictor or model, image[None], (th, tw), config.tile_stride, blend=config.tile_blend, tile_batch=tile_batch
+    )
+    return maps[0], scores[0]

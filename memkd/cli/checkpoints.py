@@ -42,6 +42,11 @@ def _cached_predictor(checkpoint, args: argparse.Namespace):
     """The cached compiled predictor for ``memkd test``/``predict`` on the CPU (memkd.compiled_cache), or None."""
     from memkd.compiled_cache import predictor_for
 
+    if checkpoint.config.tiled:  # the cached package takes whole image_size inputs with the blur inside
+        tiling = f"{checkpoint.config.image_size[0]}x{checkpoint.config.image_size[1]} tiles at stride {list(checkpoint.config.tile_stride)}"
+        say(f"inference: tiled ({tiling}, {checkpoint.config.tile_blend} blend), "
+            f"{'torch.compile' if args.compile else 'eager'} on the tiles")
+        return None
     predictor = predictor_for(checkpoint, resolve_device(args.device), args.batch_size, compile=args.compile, eager=args.eager)
     if predictor is not None:
         say(f"inference: {predictor.description}")

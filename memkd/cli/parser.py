@@ -181,6 +181,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--weights", type=_weights, default="imagenet", help="teacher weights: imagenet, another torchvision weight name, none (random init) or a .pth/.pt/.safetensors path"
     )
     train.add_argument("--image-size", type=_positive_int, default=256, help="input size (square, a multiple of 32)")
+    train.add_argument(
+        "--tile-stride",
+        type=_positive_int,
+        default=None,
+        help="tile high-resolution images instead of resizing them: --image-size is the tile, cut from the "
+        "full-resolution images (training: one seeded random tile per image per epoch; test/predict: every tile at "
+        "this stride, stitched into a map at the image's own size). At most --image-size; 224 for 256 overlaps by "
+        "1/8 of a tile. Stored in the checkpoint (test/predict need no option). Default: untiled",
+    )
+    train.add_argument(
+        "--tile-blend",
+        choices=("mean", "max"),
+        default="mean",
+        help="how overlapping tiles' maps combine (with --tile-stride): mean (averaged, no seams) or max (most sensitive)",
+    )
     train.add_argument("--memory-items", type=_positive_int, default=50, help="key-value pairs L per memory")
     train.add_argument("--exemplars", type=_positive_int, default=16, help="exemplar set size N per step (NEL)")
     train.add_argument("--epochs", type=_positive_int, default=100, help="training epochs")

@@ -14,7 +14,7 @@ from memkd.errors import CommandError
 
 
 # `memkd train` options by what they set: MemKDConfig fields, TrainConfig fields, and the data.
-MODEL_OPTIONS = ("method", "backbone", "weights", "image_size", "memory_items", "exemplars")
+MODEL_OPTIONS = ("method", "backbone", "weights", "image_size", "memory_items", "exemplars", "tile_stride", "tile_blend")
 TRAIN_OPTIONS = (
     "epochs", "batch_size", "lr", "seed", "save_every", "workers", "device", "amp", "channels_last", "compile",
     "cache_exemplar_features",
@@ -36,6 +36,13 @@ def _train_config(args: argparse.Namespace, device: str):
 def _model_config(args: argparse.Namespace):
     from memkd.models import MemKDConfig
 
+    if "tile_blend" in args.explicit and args.tile_stride is None:
+        raise CommandError("--tile-blend: only with --tile-stride (tiling is off without a stride)")
+    if args.tile_stride is not None and args.tile_stride > args.image_size:
+        raise CommandError(
+            f"--tile-stride {args.tile_stride}: expected at most the tile, --image-size {args.image_size} (a larger "
+            "stride leaves gaps between tiles)"
+        )
     return MemKDConfig(**{dest: getattr(args, dest) for dest in MODEL_OPTIONS})
 
 
@@ -167,9 +174,8 @@ def _plan_runs(args: argparse.Namespace) -> tuple[str, Path, list[_Run]]:
 def cmd_train(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
-    from memkd.data import build_dataset
     from memkd.evaluation import build_test_dataset
-    from memkd.pipeline import train_category
+    from memkd.pipeline import build_train_dataset, train_category
     from memkd.reports import write_summary
 
     if args.out.exists() and not args.out.is_dir():
@@ -178,7 +184,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     # Check every layout, and decode every image, before hours of training.
     for run in runs:
         for split in (
-            build_dataset(dataset, data_root, run.category, "train", image_size=run.model_config.image_size),
+            build_train_dataset(dataset, data_root, run.category, run.model_config, run.train_config.seed),
             build_test_dataset(dataset, data_root, run.category, run.model_config, args.eval_size),
         ):
             split.check_files(run.train_config.workers, args.progress)

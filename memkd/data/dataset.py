@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from memkd.data.errors import DatasetError
-from memkd.data.transforms import ImageSize, as_size, image_to_tensor, mask_to_tensor, read_image, read_mask
+from memkd.data.transforms import ImageSize, as_size, full_resolution_tensor, image_to_tensor, mask_to_tensor, read_image, read_mask
 
 GOOD = "good"
 
@@ -35,6 +35,9 @@ class AnomalyDataset(Dataset):
 
     ``has_masks`` is False for a folder dataset without ground truth: its masks are all zero and
     pixel metrics must not be computed from them.
+
+    ``full_resolution=True`` (the test images of a tiled model, ``memkd.tiling``): ``image`` is the
+    file's own resolution, not resized, and ``mask`` is the native mask [1, h, w] of that size.
     """
 
     def __init__(
@@ -44,6 +47,7 @@ class AnomalyDataset(Dataset):
         native_masks: bool = False,
         has_masks: bool = True,
         description: str = "",
+        full_resolution: bool = False,
     ):
         if not samples:
             raise DatasetError(f"no images found for {description or 'this dataset'}")
@@ -52,6 +56,7 @@ class AnomalyDataset(Dataset):
         self.native_masks = native_masks
         self.has_masks = has_masks
         self.description = description
+        self.full_resolution = full_resolution
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -64,7 +69,7 @@ class AnomalyDataset(Dataset):
         sample = self.samples[index]
         image = read_image(sample.image_path)
         item = {
-            "image": image_to_tensor(image, self.image_size),
+            "image": full_resolution_tensor(image) if self.full_resolution else image_to_tensor(image, self.image_size),
             "label": sample.label,
             "path": str(sample.image_path),
             "defect": sample.defect,
@@ -81,6 +86,8 @@ class AnomalyDataset(Dataset):
                     f"image {sample.image_path} is {image.width}x{image.height}"
                 )
             item["mask"] = mask_to_tensor(native_mask, self.image_size)
+        if self.full_resolution:
+            item["mask"] = torch.from_numpy(native_mask.astype(np.uint8))[None]
         if self.native_masks:
             item["mask_native"] = torch.from_numpy(native_mask.astype(np.uint8))[None]
         return item

@@ -31,6 +31,7 @@ def build_dataset(
     mask_dir: Optional[PathLike] = None,
     mask_suffix: str = "_mask",
     eyecandies_light: int = 4,
+    full_resolution: bool = False,
 ) -> AnomalyDataset:
     """The ``split`` ("train" or "test") of ``category`` of dataset ``name`` stored under ``root``.
 
@@ -38,6 +39,7 @@ def build_dataset(
     of ``root`` or None for ``root`` itself; ``mask_dir`` (default <dataset>/ground_truth when it
     exists) holds <defect>/<stem><mask_suffix>.<ext>; without masks the dataset has
     ``has_masks=False``. ``eyecandies_light`` picks the lighting <id>_image_<light>.png.
+    ``full_resolution``: images and masks at their own resolution (``AnomalyDataset``; tiled models).
     Raises DatasetError (a ValueError) naming the path when the data does not match the layout.
     """
     check_dataset_name(name)
@@ -60,4 +62,4 @@ def build_dataset(
     else:  # mvtec and mpdd share a layout
         samples = mvtec_samples(category_dir(name, root, category), split)
     description = f"{name} {category or root.name} {split}"
-    return AnomalyDataset(samples, image_size, native_masks, has_masks, description)
+    return AnomalyDataset(samples, image_size, native_masks, has_masks, description, full_resolution)

@@ -58,6 +58,13 @@ def image_to_tensor(image: Image.Image, size: tuple[int, int]) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
 
 
+def full_resolution_tensor(image: Image.Image) -> torch.Tensor:
+    """An RGB PIL image at its own resolution as a normalised float32 [3, H, W] tensor (no resize:
+    the input of tiled models, ``memkd.tiling``)."""
+    pixels = normalized_pixels(np.asarray(image, dtype=np.uint8), IMAGENET_MEAN, IMAGENET_STD)
+    return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
+
+
 def mask_to_tensor(mask: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
     """A bool [h, w] mask as a uint8 {0, 1} [1, H, W] tensor: bilinear resize, then > 0.5."""
     height, width = size

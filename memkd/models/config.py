@@ -11,6 +11,7 @@ from memkd.models.backbones import IMAGENET, WEIGHT_FILE_SUFFIXES, backbone_spec
 from memkd.models.losses import KD_MODES, NM_REDUCTIONS
 
 MEMORY_POSITIONS = (0, 1, 2)
+TILE_BLENDS = ("mean", "max")  # memkd.tiling.BLEND_MODES (that module imports this one)
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,18 @@ class MemKDConfig:
     kd_mode: "flat" (whole-map cosine, the paper) or "pixel" (``losses.kd_loss``).
     nm_reduction: "sum" (Eq. 10 literally) or "mean" (``losses.normality_memorization_loss``).
 
+    Tiling (``memkd.tiling``, for high-resolution images): ``tile_stride`` None (default) is
+    untiled, every image resized to ``image_size``; an int or (height, width) turns tiling on, and
+    ``image_size`` is then the tile: training reads the full-resolution images and cuts one tile
+    per image per epoch at a seeded random position, inference runs every tile of the
+    ``tile_stride`` grid on the full-resolution image and blends the per-tile maps with
+    ``tile_blend`` ("mean": overlaps averaged, no seams; "max": the largest, most sensitive).
+    One size field instead of a separate tile size, because the model only ever sees
+    ``image_size`` inputs either way: the tile is the scale it was trained at, and a stride is the
+    only new fact. The stride is at most the tile (a larger one would leave gaps);
+    ``memkd.tiling.default_stride`` (224 for 256) is the suggested overlap. Checkpoints of earlier
+    versions (no such fields in config.json) load untiled.
+
     Inputs are normalised with ImageNet's statistics, ``memkd.data.IMAGENET_MEAN`` and
     ``IMAGENET_STD`` (every teacher is an ImageNet-trained torchvision network); the model does not
     apply it. That is no setting: ``mean`` and ``std`` read those constants, and as arguments (from
@@ -68,6 +81,8 @@ class MemKDConfig:
     orth_weight: float = 0.1
     kd_mode: str = "flat"
     nm_reduction: str = "sum"
+    tile_stride: Optional[Union[int, tuple[int, int]]] = None
+    tile_blend: str = "mean"
     mean: InitVar[Optional[Sequence[float]]] = None  # not fields: see the class doc (and the end of this module)
     std: InitVar[Optional[Sequence[float]]] = None
 
@@ -89,6 +104,7 @@ class MemKDConfig:
             raise ValueError(f"kd_mode: expected one of {KD_MODES}, got {self.kd_mode!r}")
         if self.nm_reduction not in NM_REDUCTIONS:
             raise ValueError(f"nm_reduction: expected one of {NM_REDUCTIONS}, got {self.nm_reduction!r}")
+        self._normalise_tiling()
         _check_imagenet("mean", mean, IMAGENET_MEAN, positive=False)
         _check_imagenet("std", std, IMAGENET_STD, positive=True)
 
@@ -134,6 +150,26 @@ class MemKDConfig:
         order = sorted(range(len(stages)), key=stages.__getitem__)
         self._normalise("memory_stages", tuple(stages[i] for i in order))
         self._normalise("memory_items", tuple(items[i] for i in order))
+
+    def _normalise_tiling(self) -> None:
+        stride = self.tile_stride
+        if stride is not None:
+            pair = (stride, stride) if isinstance(stride, int) else tuple(stride) if isinstance(stride, Sequence) else None
+            if pair is None or len(pair) != 2 or any(isinstance(s, bool) or not isinstance(s, int) or s <= 0 for s in pair):
+                raise ValueError(f"tile_stride: expected None (untiled), a positive int or (height, width), got {stride!r}")
+            if pair[0] > self.image_size[0] or pair[1] > self.image_size[1]:
+                raise ValueError(
+                    f"tile_stride: expected at most the tile (image_size {self.image_size}; a larger stride leaves "
+                    f"gaps), got {stride!r}"
+                )
+            self._normalise("tile_stride", pair)
+        if self.tile_blend not in TILE_BLENDS:
+            raise ValueError(f"tile_blend: expected one of {TILE_BLENDS}, got {self.tile_blend!r}")
+
+    @property
+    def tiled(self) -> bool:
+        """Whether images are tiled (``tile_stride`` set) rather than resized to ``image_size``."""
+        return self.tile_stride is not None
 
     @property
     def method_spec(self) -> Method:

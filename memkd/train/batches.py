@@ -7,7 +7,7 @@ from typing import Any, Iterator, Mapping, Optional
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset, DistributedSampler, Sampler
 
 from memkd.models import MemKD
 
@@ -43,11 +43,13 @@ class ExemplarBatches(Sampler[list[int]]):
     """
 
     def __init__(
-        self, dataset_size: int, exemplars: int, seed: int, rank: int = 0, world_size: int = 1, start_step: int = 0
+        self, dataset_size: int, exemplars: int, seed: int, rank: int = 0, world_size: int = 1, start_step: int = 0,
+        draw_keys: bool = False,
     ):
         if dataset_size < 1:
             raise ValueError("training data: the dataset is empty; exemplars cannot be drawn")
         self.dataset_size, self.seed, self.rank, self.world_size = dataset_size, seed, rank, world_size
+        self.draw_keys = draw_keys  # keys of draw 2 * step + 1 (memkd.data.tiles) instead of indices
         self.per_rank = math.ceil(exemplars / world_size)
         self.start_step = start_step
 
@@ -59,13 +61,25 @@ class ExemplarBatches(Sampler[list[int]]):
             chosen = torch.randperm(self.dataset_size, generator=generator)[:total]
         else:
             chosen = torch.randint(self.dataset_size, (total,), generator=generator)
-        return chosen[self.rank * self.per_rank : (self.rank + 1) * self.per_rank].tolist()
+        chosen = chosen[self.rank * self.per_rank : (self.rank + 1) * self.per_rank]
+        if self.draw_keys:
+            chosen = chosen + (2 * step + 1) * self.dataset_size
+        return chosen.tolist()
 
     def __iter__(self) -> Iterator[list[int]]:
         step = self.start_step
         while True:
             yield self.indices(step)
             step += 1
+
+
+class DrawKeyedSampler(DistributedSampler):
+    """``DistributedSampler`` whose indices of epoch e are keys of draw ``2 * e`` of a dataset with
+    ``draw_keys`` (``memkd.data.tiles.TileCrops``): a fresh random tile of every image per epoch."""
+
+    def __iter__(self) -> Iterator[int]:
+        offset = 2 * self.epoch * len(self.dataset)
+        return (index + offset for index in super().__iter__())
 
 
 class ExemplarFeatureCache:

@@ -32,6 +32,7 @@ from memkd.data import default_workers
 from memkd.files import folder_lock
 from memkd.models import MemKD, MemKDConfig, build_model
 from memkd.train.batches import (
+    DrawKeyedSampler,
     ExemplarBatches,
     ExemplarFeatureCache,
     IndexedItems,
@@ -164,7 +165,8 @@ class Trainer:
             step = DistributedDataParallel(step, device_ids=device_ids)
         self.training_step = torch.compile(step, backend=config.compile_backend) if config.compile else step
         self.loader = self._make_loader(data)
-        use_cache = config.cache_exemplar_features and self.config.method_spec.nel
+        # a tiled model's exemplars are random tiles (memkd.data.tiles): an index's features change
+        use_cache = config.cache_exemplar_features and self.config.method_spec.nel and not self._draw_keys
         self.exemplar_cache = ExemplarFeatureCache(self.model) if use_cache else None
         if self.ctx.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -231,7 +233,7 @@ class Trainer:
         workers = self._workers()
         # the same permutation on every rank, rank r taking items r, r + world, ...: together they
         # cover what one process would take in the same step
-        sampler = DistributedSampler(
+        sampler = (DrawKeyedSampler if getattr(data, "draw_keys", False) else DistributedSampler)(
             data, self.ctx.world_size, self.ctx.rank, shuffle=True, seed=self.train_config.seed
         )
         return DataLoader(
@@ -253,7 +255,8 @@ class Trainer:
         if isinstance(dataset, IterableDataset):
             raise TypeError("data: NEL draws exemplars by index; an IterableDataset cannot provide them")
         sampler = ExemplarBatches(
-            len(dataset), self.config.exemplars, self.train_config.seed, self.ctx.rank, self.ctx.world_size, self.step
+            len(dataset), self.config.exemplars, self.train_config.seed, self.ctx.rank, self.ctx.world_size, self.step,
+            draw_keys=self._draw_keys,
         )
         loader = DataLoader(
             IndexedItems(dataset),
@@ -263,6 +266,11 @@ class Trainer:
             pin_memory=self.ctx.device.type == "cuda",
         )
         return zip(iter(sampler), loader)  # the loader yields its batch sampler's lists in order
+
+    @property
+    def _draw_keys(self) -> bool:
+        """Whether the training items are keyed by (draw, index) (``memkd.data.tiles.TileCrops``)."""
+        return bool(getattr(self.loader.dataset, "draw_keys", False))
 
     def _to_device(self, images: torch.Tensor) -> torch.Tensor:
         images = images.to(self.ctx.device, non_blocking=True)

@@ -271,3 +271,16 @@ def test_export_refuses_tiled_models(run_dir, tmp_path, capsys):
     line = error_line(capsys)
     assert "tiled models cannot be exported yet" in line and "tile_stride [48, 48]" in line
     assert not out.exists()
+
+
+def test_a_resumed_tiled_run_continues_with_the_same_tiles(data_root, tmp_path):
+    def train(out, epochs, *extra):
+        options = [*FAST, "--epochs", str(epochs), "--tile-stride", str(STRIDE), "--figures", "0", "--save-every", "1"]
+        assert main(["train", "--data-root", str(data_root), "--category", "plate", "--out", str(out), *options, *extra]) == 0
+        return load_checkpoint(out, device="cpu").model.state_dict()
+
+    straight = train(tmp_path / "straight", 2)
+    train(tmp_path / "resumed", 1)
+    resumed = train(tmp_path / "resumed", 2, "--resume")
+    assert straight.keys() == resumed.keys()
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)

@@ -58,7 +58,10 @@ def train_process(data_root: Path, out: Path, kill_plan: str = "") -> subprocess
     command = [sys.executable, "-m", "memkd", "train", "--data-root", str(data_root), "--out", str(out), *SETTINGS]
     # cwd outside the checkout: `-m` puts the working directory first on sys.path, and the checkout's
     # memkd/ (no compiled modules unless installed editable) would run instead of the tested install.
-    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=out.parent)
+    # SIGINT at its default in the child: a shell starts background jobs with SIGINT ignored, the
+    # child would inherit that, and the SIGINT cases would test nothing of memkd.
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=out.parent,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def tensors(run: Path) -> dict[str, torch.Tensor]:

@@ -52,9 +52,10 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 
 from memkd.models import MemKD
+from memkd.models.config import TILE_BLENDS
 from memkd.ops.reference import gaussian_taps, reflect_indices
 
-BLEND_MODES = ("mean", "max")
+BLEND_MODES = TILE_BLENDS  # one list for the config and this module
 DEFAULT_TILE_BATCH = 16
 # Elements of one blur strip: 4 MiB of float32 stays in cache for the 33 passes over it (a 20 MP
 # blur took 0.7 s; 1 MiB strips 2.3 s, per-call overhead) and is small next to a 20 MP canvas.

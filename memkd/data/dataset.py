@@ -77,7 +77,6 @@ class AnomalyDataset(Dataset):
         native_shape = (image.height, image.width)
         if sample.mask_path is None:
             native_mask = np.zeros(native_shape, dtype=bool)
-            item["mask"] = torch.zeros((1, *self.image_size), dtype=torch.uint8)
         else:
             native_mask = read_mask(sample.mask_path)
             if native_mask.shape != native_shape:
@@ -85,11 +84,15 @@ class AnomalyDataset(Dataset):
                     f"mask {sample.mask_path} is {native_mask.shape[1]}x{native_mask.shape[0]} but its "
                     f"image {sample.image_path} is {image.width}x{image.height}"
                 )
-            item["mask"] = mask_to_tensor(native_mask, self.image_size)
+        native = torch.from_numpy(native_mask.astype(np.uint8))[None]
         if self.full_resolution:
-            item["mask"] = torch.from_numpy(native_mask.astype(np.uint8))[None]
+            item["mask"] = native
+        elif sample.mask_path is None:
+            item["mask"] = torch.zeros((1, *self.image_size), dtype=torch.uint8)
+        else:
+            item["mask"] = mask_to_tensor(native_mask, self.image_size)
         if self.native_masks:
-            item["mask_native"] = torch.from_numpy(native_mask.astype(np.uint8))[None]
+            item["mask_native"] = native
         return item
 
     def check_files(self, workers: Optional[int] = None, progress: bool = False) -> None:

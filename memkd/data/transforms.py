@@ -52,17 +52,21 @@ def read_mask(path: Path) -> np.ndarray:
     return values > 0
 
 
+def _normalized_tensor(pixels: np.ndarray) -> torch.Tensor:
+    """uint8 RGB pixels [H, W, 3] as a normalised float32 [3, H, W] tensor."""
+    normalized = normalized_pixels(pixels, IMAGENET_MEAN, IMAGENET_STD)
+    return torch.from_numpy(np.ascontiguousarray(normalized.transpose(2, 0, 1)))
+
+
 def image_to_tensor(image: Image.Image, size: tuple[int, int]) -> torch.Tensor:
     """An RGB PIL image as a normalised float32 [3, H, W] tensor of the given (height, width)."""
-    pixels = normalized_pixels(resized_pixels(image, size), IMAGENET_MEAN, IMAGENET_STD)
-    return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
+    return _normalized_tensor(resized_pixels(image, size))
 
 
 def full_resolution_tensor(image: Image.Image) -> torch.Tensor:
     """An RGB PIL image at its own resolution as a normalised float32 [3, H, W] tensor (no resize:
     the input of tiled models, ``memkd.tiling``)."""
-    pixels = normalized_pixels(np.asarray(image, dtype=np.uint8), IMAGENET_MEAN, IMAGENET_STD)
-    return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
+    return _normalized_tensor(np.asarray(image, dtype=np.uint8))
 
 
 def mask_to_tensor(mask: np.ndarray, size: tuple[int, int]) -> torch.Tensor:

@@ -11,7 +11,7 @@ from memkd.models.backbones import IMAGENET, WEIGHT_FILE_SUFFIXES, backbone_spec
 from memkd.models.losses import KD_MODES, NM_REDUCTIONS
 
 MEMORY_POSITIONS = (0, 1, 2)
-TILE_BLENDS = ("mean", "max")  # memkd.tiling.BLEND_MODES (that module imports this one)
+TILE_BLENDS = ("mean", "max")  # memkd.tiling blends (memkd.tiling.BLEND_MODES is this tuple)
 
 
 @dataclass(frozen=True)
